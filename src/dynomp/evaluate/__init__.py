@@ -1,0 +1,1 @@
+"""Evaluation: overlap (Dice, Jaccard), Jacobian statistics, similarity, time and memory."""

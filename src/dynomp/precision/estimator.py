@@ -1,0 +1,155 @@
+"""The minimum significand precision a gradient step needs (after Hayford et al. 2024, Theorem 1).
+
+At step t with parameters theta_t and gradient g_t the local Lipschitz constant of the gradient is
+estimated by the secant
+
+    K = ||g_t - g_{t-1}|| / ||theta_t - theta_{t-1}||
+
+and the step needs at least
+
+    p_min = log2((4 + 3 sqrt(2)) * K * ||theta_t|| / ||g_t||)
+
+significand bits. Norms are global L2 norms over all tensors, accumulated in float64 so that an
+fp16 state cannot overflow them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+PMIN_CONSTANT = 4.0 + 3.0 * math.sqrt(2.0)
+# A step shorter than this, relative to ||theta||, carries no usable secant information.
+RELATIVE_STEP_TOLERANCE = 1e-12
+# p_min is clipped at 0: below that any format qualifies and the log would run to -inf.
+PMIN_FLOOR = 0.0
+
+TensorOrTensors = torch.Tensor | Sequence[torch.Tensor]
+
+
+def as_tensor_list(value: TensorOrTensors, argument: str) -> list[torch.Tensor]:
+    """A tensor or a sequence of floating tensors, as a list; ValueError names the argument."""
+    tensors = [value] if isinstance(value, torch.Tensor) else list(value)
+    if not tensors:
+        raise ValueError(f"{argument}: no tensors given")
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{argument}[{index}]: expected a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{argument}[{index}]: expected a floating tensor, got {tensor.dtype}")
+    return tensors
+
+
+def check_same_shapes(
+    first: list[torch.Tensor], second: list[torch.Tensor], first_name: str, second_name: str
+) -> None:
+    """Raise a ValueError naming `second_name` when its tensors do not match `first`'s shapes."""
+    if len(first) != len(second):
+        raise ValueError(
+            f"{second_name}: {len(second)} tensors where {first_name} has {len(first)}"
+        )
+    for index, (a, b) in enumerate(zip(first, second, strict=True)):
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{second_name}[{index}]: shape {tuple(b.shape)} differs from "
+                f"{first_name}[{index}] shape {tuple(a.shape)}"
+            )
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """L2 norm over all tensors, accumulated in float64."""
+    total = 0.0
+    for tensor in tensors:
+        total += float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+def difference_norm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """||a - b|| over all tensors, each difference taken in the wider of the two dtypes."""
+    total = 0.0
+    for x, y in zip(a, b, strict=True):
+        x, y = x.detach(), y.detach()
+        common = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        difference = x.to(common) - y.to(common)
+        total += float(torch.linalg.vector_norm(difference, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+def max_abs(tensors: Sequence[torch.Tensor]) -> float:
+    """The largest finite magnitude over all tensors (0.0 for all-zero state)."""
+    largest = 0.0
+    for tensor in tensors:
+        if tensor.numel():
+            largest = max(largest, float(tensor.detach().abs().max()))
+    return largest
+
+
+def estimate_lipschitz(
+    theta: TensorOrTensors,
+    grad: TensorOrTensors,
+    prev_theta: TensorOrTensors,
+    prev_grad: TensorOrTensors,
+) -> float | None:
+    """Secant estimate of the gradient's Lipschitz constant; None when the step is too short."""
+    theta_list = as_tensor_list(theta, "theta")
+    grad_list = as_tensor_list(grad, "grad")
+    prev_theta_list = as_tensor_list(prev_theta, "prev_theta")
+    prev_grad_list = as_tensor_list(prev_grad, "prev_grad")
+    check_same_shapes(theta_list, grad_list, "theta", "grad")
+    check_same_shapes(theta_list, prev_theta_list, "theta", "prev_theta")
+    check_same_shapes(theta_list, prev_grad_list, "theta", "prev_grad")
+    return _secant(theta_list, grad_list, prev_theta_list, prev_grad_list)
+
+
+def _secant(theta, grad, prev_theta, prev_grad) -> float | None:
+    step = difference_norm(theta, prev_theta)
+    scale = max(global_norm(theta), 1.0)
+    if not math.isfinite(step) or step <= RELATIVE_STEP_TOLERANCE * scale:
+        return None
+    lipschitz = difference_norm(grad, prev_grad) / step
+    return lipschitz if math.isfinite(lipschitz) else None
+
+
+def pmin_from_norms(lipschitz: float, param_norm: float, grad_norm: float) -> float | None:
+    """p_min = log2((4 + 3 sqrt 2) K ||theta|| / ||g||), clipped at 0; None for a zero gradient."""
+    if not (grad_norm > 0.0 and math.isfinite(grad_norm)):
+        return None
+    argument = PMIN_CONSTANT * lipschitz * param_norm / grad_norm
+    if not math.isfinite(argument):
+        return None
+    if argument <= 2.0**PMIN_FLOOR:
+        return PMIN_FLOOR
+    return math.log2(argument)
+
+
+def estimate_pmin(
+    theta: TensorOrTensors,
+    grad: TensorOrTensors,
+    prev_theta: TensorOrTensors,
+    prev_grad: TensorOrTensors,
+    *,
+    previous_lipschitz: float | None = None,
+    previous_pmin: float = PMIN_FLOOR,
+) -> float:
+    """The minimum significand precision (bits, implicit bit included) this step needs.
+
+    Guards, from the method: a step too short for the secant keeps `previous_lipschitz` (and, with
+    none, returns `previous_pmin`); a zero gradient means converged and returns `previous_pmin`, so
+    a caller that passes its current estimate stays where it is. Never returns inf or NaN.
+    """
+    theta_list = as_tensor_list(theta, "theta")
+    grad_list = as_tensor_list(grad, "grad")
+    prev_theta_list = as_tensor_list(prev_theta, "prev_theta")
+    prev_grad_list = as_tensor_list(prev_grad, "prev_grad")
+    check_same_shapes(theta_list, grad_list, "theta", "grad")
+    check_same_shapes(theta_list, prev_theta_list, "theta", "prev_theta")
+    check_same_shapes(theta_list, prev_grad_list, "theta", "prev_grad")
+    lipschitz = _secant(theta_list, grad_list, prev_theta_list, prev_grad_list)
+    if lipschitz is None:
+        lipschitz = previous_lipschitz
+    if lipschitz is None:
+        return previous_pmin
+    pmin = pmin_from_norms(lipschitz, global_norm(theta_list), global_norm(grad_list))
+    return previous_pmin if pmin is None else pmin

@@ -1,0 +1,95 @@
+"""VirtualPrecision: any PyTorch code runs with every op's output rounded to the format."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynomp.precision import VirtualPrecision, is_representable, round_to
+
+
+def chain(x, w1, w2, k1, b1, k2, round_each=lambda t: t):
+    """Matmuls then 3D convolutions, with `round_each` after every op."""
+    y = round_each(x @ w1)
+    y = round_each(y @ w2)
+    y = y.reshape(1, 1, 4, 4, 4)
+    y = round_each(F.conv3d(y, k1, b1, padding=1))
+    y = round_each(F.relu(y))
+    y = round_each(F.conv3d(y, k2, padding=1))
+    return round_each(y * 0.5)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "tf32", "fp24", "fp8-e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chain_under_the_mode_equals_round_to_after_each_op(fmt, dtype):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    inputs = (randn(8, 16), randn(16, 16), randn(16, 8), randn(3, 1, 3, 3, 3), randn(3),
+              randn(2, 3, 3, 3, 3))
+    expected = chain(*inputs, round_each=lambda t: round_to(t, fmt))
+    with VirtualPrecision(fmt):
+        actual = chain(*inputs)
+    assert actual.dtype == dtype
+    assert torch.equal(actual, expected)
+    plain = chain(*inputs)
+    assert not torch.equal(plain, expected)  # the emulation really changed the result
+
+
+def test_backward_pass_is_emulated_too():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv3d(4, 1, 3, padding=1))
+    x = torch.randn(2, 1, 8, 8, 8)
+    with VirtualPrecision("bf16"):
+        loss = net(x).square().mean()
+        loss.backward()
+    assert bool(is_representable(loss.detach(), "bf16"))
+    for parameter in net.parameters():
+        assert bool(is_representable(parameter.grad, "bf16").all())
+    assert not all(bool(is_representable(p.detach(), "bf16").all()) for p in net.parameters())
+
+
+def test_in_place_ops_are_rounded_in_place():
+    x = torch.ones(4)
+    with VirtualPrecision("bf16"):
+        x.add_(2.0**-10)  # lost in bf16
+        y = torch.zeros(4)
+        torch.add(torch.ones(4), 2.0**-10, out=y)
+    assert torch.equal(x, torch.ones(4))
+    assert torch.equal(y, torch.ones(4))
+
+
+def test_round_to_inside_the_mode_is_still_exact():
+    x = torch.tensor([0.3, 1e-6, -7.0, 70000.0, 1.0 + 2.0**-9])
+    expected = {name: round_to(x, name) for name in ("fp16", "bf16", "fp8-e4m3")}
+    with VirtualPrecision("fp16"):
+        inside = {name: round_to(x, name) for name in expected}
+    for name in expected:
+        assert torch.equal(inside[name], expected[name]), name
+
+
+def test_other_dtypes_pass_through():
+    with VirtualPrecision("fp8-e4m3"):
+        integers = torch.arange(1000) * 3
+        half = torch.full((3,), 1.0 + 2.0**-10, dtype=torch.float16) * 1
+    assert integers[-1] == 2997
+    assert half.dtype == torch.float16 and float(half[0]) == 1.0 + 2.0**-10
+
+
+def test_stochastic_mode_is_reproducible_with_a_generator():
+    x = torch.randn(1000)
+    with VirtualPrecision("bf16", "stochastic", torch.Generator().manual_seed(3)):
+        a = x * 1.0001
+    with VirtualPrecision("bf16", "stochastic", torch.Generator().manual_seed(3)):
+        b = x * 1.0001
+    assert torch.equal(a, b)
+    assert bool(is_representable(a, "bf16").all())
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="^fmt: "):
+        VirtualPrecision("fp7")
+    with pytest.raises(ValueError, match="^rounding: "):
+        VirtualPrecision("bf16", "down")

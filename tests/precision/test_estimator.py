@@ -1,0 +1,94 @@
+"""estimate_pmin: the formula of the method, its guards, and its argument checks."""
+
+import math
+
+import pytest
+import torch
+
+from dynomp.precision import estimate_lipschitz, estimate_pmin
+from dynomp.precision.estimator import PMIN_CONSTANT
+
+CURVATURE = torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64)
+
+
+def gradient(theta):
+    return CURVATURE * theta  # f = 1/2 sum a_i theta_i^2
+
+
+def test_secant_recovers_the_curvature_along_an_eigenvector():
+    previous = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    theta = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
+    lipschitz = estimate_lipschitz(theta, gradient(theta), previous, gradient(previous))
+    assert lipschitz == pytest.approx(4.0, rel=1e-12)
+
+
+def test_pmin_is_the_formula_of_the_method():
+    previous = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    theta = torch.tensor([0.9, 1.9, 2.5], dtype=torch.float64)
+    g, g_prev = gradient(theta), gradient(previous)
+    lipschitz = float((g - g_prev).norm() / (theta - previous).norm())
+    expected = math.log2(PMIN_CONSTANT * lipschitz * float(theta.norm()) / float(g.norm()))
+    assert PMIN_CONSTANT == pytest.approx(4 + 3 * math.sqrt(2))
+    assert estimate_pmin(theta, g, previous, g_prev) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sequences_of_tensors_equal_their_concatenation():
+    parts = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    previous = [p + 0.1 * torch.randn_like(p) for p in parts]
+    grads = [torch.randn_like(p) for p in parts]
+    prev_grads = [torch.randn_like(p) for p in parts]
+
+    def flat(tensors):
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    assert estimate_pmin(parts, grads, previous, prev_grads) == pytest.approx(
+        estimate_pmin(flat(parts), flat(grads), flat(previous), flat(prev_grads)), rel=1e-12
+    )
+
+
+def test_tiny_step_keeps_the_previous_lipschitz_constant():
+    theta = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    g = gradient(theta)
+    with_previous = estimate_pmin(theta, g, theta.clone(), g * 1.5, previous_lipschitz=2.0)
+    expected = math.log2(PMIN_CONSTANT * 2.0 * float(theta.norm()) / float(g.norm()))
+    assert with_previous == pytest.approx(expected)
+    assert estimate_pmin(theta, g, theta.clone(), g * 1.5, previous_pmin=11.0) == 11.0
+
+
+def test_zero_gradient_means_converged_and_stays():
+    theta = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    zero = torch.zeros(2, dtype=torch.float64)
+    result = estimate_pmin(theta, zero, theta + 1, torch.ones(2, dtype=torch.float64),
+                           previous_pmin=9.5)
+    assert result == 9.5
+
+
+def test_identical_gradients_clip_at_zero_instead_of_minus_infinity():
+    theta = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    g = torch.ones(2, dtype=torch.float64)
+    assert estimate_pmin(theta, g, theta + 1, g.clone()) == 0.0
+
+
+def test_fp16_state_does_not_overflow_the_norms():
+    theta = torch.full((1000,), 60000.0, dtype=torch.float16)
+    previous = torch.full((1000,), 50000.0, dtype=torch.float16)
+    g = torch.full((1000,), 30000.0, dtype=torch.float16)
+    g_prev = torch.full((1000,), 10000.0, dtype=torch.float16)
+    value = estimate_pmin(theta, g, previous, g_prev)
+    assert math.isfinite(value)
+    assert value == pytest.approx(math.log2(PMIN_CONSTANT * 2.0 * 2.0), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "name"),
+    [
+        ((torch.ones(3), torch.ones(4), torch.ones(3), torch.ones(3)), "grad"),
+        ((torch.ones(3), torch.ones(3), torch.ones(2), torch.ones(3)), "prev_theta"),
+        ((torch.arange(3), torch.ones(3), torch.ones(3), torch.ones(3)), "theta"),
+        (([torch.ones(3)], [torch.ones(3), torch.ones(1)], [torch.ones(3)], [torch.ones(3)]), "grad"),
+        (([], [], [], []), "theta"),
+    ],
+)
+def test_bad_input_names_the_argument(arguments, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        estimate_pmin(*arguments)

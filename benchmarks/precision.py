@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/precision.py [--size 10000000] [--repeats 15]
 
 1. round_to on 10M float32 values against torch's own cast x.to(torch.bfloat16).float()
-   (targets: <= 4x for nearest, <= 8x for stochastic), and pychop's Chop when it is installed.
+   (targets: <= 4x for nearest, <= 8x for stochastic), and pychop's Chop against round_to fp16
+   when pychop is installed (`.venv/bin/pip install pychop`; it is not a dependency).
 2. VirtualPrecision("bf16") on the forward and backward pass of a small 3D conv net against plain
    fp32 (target: <= 3x).
 Each ratio pairs the two timings run alternately, `repeats` times after two warm-ups, in one
@@ -83,8 +84,14 @@ def main() -> None:
         rows.append(("pychop Chop(5, 10) (fp16)", float("nan"), float("nan"), "not installed"))
     else:
         chop = Chop(exp_bits=5, sig_bits=10, rmode=1)
-        cast, seconds = paired_medians(cast_function, lambda: chop(x), max(3, args.repeats // 3))
-        rows.append(("pychop Chop(5, 10) (fp16)", seconds, seconds / cast, ""))
+        ours, seconds = paired_medians(
+            lambda: round_to(x, "fp16"), lambda: chop(x), max(3, args.repeats // 3)
+        )
+        wrong = chop(torch.tensor([65520.0, 65536.0, 1e5])).tolist()
+        rows.append(
+            ("pychop Chop(5, 10) (fp16), vs round_to fp16 = 1", seconds, seconds / ours,
+             f"65520, 65536, 1e5 -> {wrong} (should be inf)")
+        )
 
     net = small_conv_net()
     volume = torch.randn(2, 2, 48, 48, 48)

@@ -107,6 +107,16 @@ def test_zero_gradient_keeps_the_format():
     assert math.isnan(controller.trace[-1]["pmin"])
 
 
+def test_a_diverging_state_is_observed_without_raising():
+    controller = PrecisionController(["bf16", "fp32"], window=2, execution="virtual")
+    controller.observe([torch.zeros(3)], [torch.ones(3)])
+    fmt = controller.observe([torch.ones(3)], [torch.full((3,), 0.5)])
+    nan = torch.full((3,), math.nan)
+    assert controller.observe([nan], [nan]) == fmt
+    assert math.isnan(controller.trace[-1]["pmin"]) and math.isnan(controller.trace[-1]["max_abs"])
+    assert controller.observe([torch.full((3,), math.inf)], [torch.ones(3)]) == "fp64"
+
+
 def test_resume_from_state_dict_reproduces_the_uninterrupted_trace():
     kwargs = dict(target=torch.full((5,), 2.0), start=torch.zeros(5), rate=0.25)
     whole = PrecisionController(window=3, execution="virtual")

@@ -29,12 +29,11 @@ import torch
 
 from dynomp.precision.dispatch import VirtualPrecision
 from dynomp.precision.estimator import (
-    _secant,
     as_tensor_list,
     check_same_shapes,
-    global_norm,
-    max_abs,
     pmin_from_norms,
+    secant_lipschitz,
+    step_statistics,
 )
 from dynomp.precision.formats import (
     container_dtype,
@@ -168,16 +167,23 @@ class PrecisionController:
         theta = as_tensor_list(parameters, "parameters")
         grad = as_tensor_list(gradients, "gradients")
         check_same_shapes(theta, grad, "parameters", "gradients")
-        self.step += 1
-        param_norm = global_norm(theta)
-        grad_norm = global_norm(grad)
-        pmin = None
         if self._previous_parameters is not None:
             try:
                 check_same_shapes(theta, self._previous_parameters, "parameters", "previous step")
             except ValueError as error:
                 raise ValueError(f"parameters: changed shape between steps ({error})") from None
-            lipschitz = _secant(theta, grad, self._previous_parameters, self._previous_gradients)
+        self.step += 1
+        stats = step_statistics(
+            theta,
+            grad,
+            self._previous_parameters,
+            self._previous_gradients,
+            with_max_abs=self.check_range,
+        )
+        param_norm, grad_norm = stats["param_norm"], stats["grad_norm"]
+        pmin = None
+        if self._previous_parameters is not None:
+            lipschitz = secant_lipschitz(stats["step_norm"], stats["grad_change_norm"], param_norm)
             if lipschitz is not None:
                 self.lipschitz = lipschitz
             if self.lipschitz is not None:
@@ -185,7 +191,9 @@ class PrecisionController:
         if pmin is not None:
             self.pmin_window.append(pmin)
         smoothed = sum(self.pmin_window) / len(self.pmin_window) if self.pmin_window else None
-        largest = max(max_abs(theta), max_abs(grad)) if self.check_range else None
+        largest = stats["max_abs"] if self.check_range else None
+        if largest is not None and math.isnan(largest):
+            largest = None  # a NaN state (a diverging run) says nothing about the range it needs
         if smoothed is None:
             chosen = self.trace[-1]["chosen_format"] if self.trace else self.initial_format
         else:

@@ -58,32 +58,84 @@ def check_same_shapes(
             )
 
 
-def global_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """L2 norm over all tensors, accumulated in float64."""
-    total = 0.0
-    for tensor in tensors:
-        total += float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64)) ** 2
-    return math.sqrt(total)
+def _squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares over all tensors, as a float64 tensor on their device (no host sync)."""
+    return torch.stack(
+        [torch.linalg.vector_norm(t.detach(), dtype=torch.float64) ** 2 for t in tensors]
+    ).sum()
 
 
-def difference_norm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """||a - b|| over all tensors, each difference taken in the wider of the two dtypes."""
-    total = 0.0
+def _squared_difference_norm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """||a - b||^2 over all tensors, each difference taken in the wider of the two dtypes."""
+    squares = []
     for x, y in zip(a, b, strict=True):
         x, y = x.detach(), y.detach()
         common = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
         difference = x.to(common) - y.to(common)
-        total += float(torch.linalg.vector_norm(difference, dtype=torch.float64)) ** 2
-    return math.sqrt(total)
+        squares.append(torch.linalg.vector_norm(difference, dtype=torch.float64) ** 2)
+    return torch.stack(squares).sum()
+
+
+def _max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Largest magnitude over all tensors, as a float64 tensor on their device."""
+    maxima = [t.detach().abs().max().double() for t in tensors if t.numel()]
+    return torch.stack(maxima).max() if maxima else torch.zeros((), dtype=torch.float64)
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """L2 norm over all tensors, accumulated in float64."""
+    return math.sqrt(float(_squared_norm(tensors)))
+
+
+def difference_norm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """||a - b|| over all tensors, each difference taken in the wider of the two dtypes."""
+    return math.sqrt(float(_squared_difference_norm(a, b)))
 
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> float:
-    """The largest finite magnitude over all tensors (0.0 for all-zero state)."""
-    largest = 0.0
-    for tensor in tensors:
-        if tensor.numel():
-            largest = max(largest, float(tensor.detach().abs().max()))
-    return largest
+    """The largest magnitude over all tensors (0.0 for all-zero or empty state)."""
+    return float(_max_abs(tensors))
+
+
+def step_statistics(
+    theta: Sequence[torch.Tensor],
+    grad: Sequence[torch.Tensor],
+    prev_theta: Sequence[torch.Tensor] | None,
+    prev_grad: Sequence[torch.Tensor] | None,
+    *,
+    with_max_abs: bool = False,
+) -> dict[str, float]:
+    """Norms one step needs, fetched from the device in one transfer.
+
+    Keys: param_norm, grad_norm, step_norm and grad_change_norm (NaN without a previous step),
+    max_abs (NaN unless asked for).
+    """
+    nan = torch.full((), math.nan, dtype=torch.float64, device=theta[0].device)
+    values = [_squared_norm(theta), _squared_norm(grad)]
+    if prev_theta is not None and prev_grad is not None:
+        values += [_squared_difference_norm(theta, prev_theta),
+                   _squared_difference_norm(grad, prev_grad)]
+    else:
+        values += [nan, nan]
+    values.append(torch.maximum(_max_abs(theta), _max_abs(grad)).to(nan.device)
+                  if with_max_abs else nan)
+    squares = torch.stack([v.to(nan.device) for v in values]).tolist()
+    return {
+        "param_norm": math.sqrt(squares[0]),
+        "grad_norm": math.sqrt(squares[1]),
+        "step_norm": math.sqrt(squares[2]),
+        "grad_change_norm": math.sqrt(squares[3]),
+        "max_abs": squares[4],
+    }
+
+
+def secant_lipschitz(step_norm: float, grad_change_norm: float, param_norm: float) -> float | None:
+    """K = ||g - g_prev|| / ||theta - theta_prev||; None when the step is too short to tell."""
+    scale = max(param_norm, 1.0)
+    if not math.isfinite(step_norm) or step_norm <= RELATIVE_STEP_TOLERANCE * scale:
+        return None
+    lipschitz = grad_change_norm / step_norm
+    return lipschitz if math.isfinite(lipschitz) else None
 
 
 def estimate_lipschitz(
@@ -104,12 +156,8 @@ def estimate_lipschitz(
 
 
 def _secant(theta, grad, prev_theta, prev_grad) -> float | None:
-    step = difference_norm(theta, prev_theta)
-    scale = max(global_norm(theta), 1.0)
-    if not math.isfinite(step) or step <= RELATIVE_STEP_TOLERANCE * scale:
-        return None
-    lipschitz = difference_norm(grad, prev_grad) / step
-    return lipschitz if math.isfinite(lipschitz) else None
+    stats = step_statistics(theta, grad, prev_theta, prev_grad)
+    return secant_lipschitz(stats["step_norm"], stats["grad_change_norm"], stats["param_norm"])
 
 
 def pmin_from_norms(lipschitz: float, param_norm: float, grad_norm: float) -> float | None:
@@ -146,10 +194,11 @@ def estimate_pmin(
     check_same_shapes(theta_list, grad_list, "theta", "grad")
     check_same_shapes(theta_list, prev_theta_list, "theta", "prev_theta")
     check_same_shapes(theta_list, prev_grad_list, "theta", "prev_grad")
-    lipschitz = _secant(theta_list, grad_list, prev_theta_list, prev_grad_list)
+    stats = step_statistics(theta_list, grad_list, prev_theta_list, prev_grad_list)
+    lipschitz = secant_lipschitz(stats["step_norm"], stats["grad_change_norm"], stats["param_norm"])
     if lipschitz is None:
         lipschitz = previous_lipschitz
     if lipschitz is None:
         return previous_pmin
-    pmin = pmin_from_norms(lipschitz, global_norm(theta_list), global_norm(grad_list))
+    pmin = pmin_from_norms(lipschitz, stats["param_norm"], stats["grad_norm"])
     return previous_pmin if pmin is None else pmin

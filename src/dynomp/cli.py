@@ -15,6 +15,7 @@ from dynomp import __version__
 
 COMMAND_MODULES = (
     "dynomp.precision.commands",
+    "dynomp.registration.commands",
     "dynomp.demo",
 )
 

@@ -1,0 +1,163 @@
+"""The per-level iteration loop: evaluate, check for NaN, step, observe precision, test convergence.
+
+A stage (rigid, affine, SyN) hands the loop a `LevelProblem`: something that evaluates its loss and
+gradients, takes a step, exposes the state the precision controller observes, and casts itself to a
+new dtype. The loop is then the same for every stage and every arm.
+
+Convergence is ANTs' window test (itk::WindowConvergenceMonitoringFunction): over the last
+`window` loss values, each divided by the sum of their magnitudes and placed at t = 0..1, the
+negated slope at the window's end must stay above `threshold`; a flat or rising loss stops the
+level. ANTs fits a B-spline to the window; a least-squares line is used here, which agrees for the
+monotone curves of a converging run and needs no fitting library.
+
+Rigid and affine parameters are moved as ANTs moves them: gradient descent with physical-shift
+parameter scales and a learning rate estimated on the first step of each level. Adam was tried
+first; it turns the near-zero, noisy gradient at an optimum into full-size steps, and on 32^3
+phantoms it wandered 0.3 rad away from a translation-only solution at the 8^3 coarse level.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from dynomp.registration.precision import PrecisionSetting
+
+
+class RegistrationDiverged(RuntimeError):
+    """The loss became NaN or infinite; carries where."""
+
+    def __init__(self, *, stage: str, level: int, iteration: int) -> None:
+        super().__init__(f"loss is not finite at stage {stage}, level {level}, iteration {iteration}")
+        self.stage = stage
+        self.level = level
+        self.iteration = iteration
+
+
+class LevelProblem(Protocol):
+    """What the loop needs from a stage at one pyramid level."""
+
+    def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss and the gradients of the observed state."""
+
+    def step(self, gradients: list[torch.Tensor]) -> None:
+        """Move the state along the (processed) negative gradients."""
+
+    def state(self) -> list[torch.Tensor]:
+        """The tensors the precision controller observes (parameters or fields)."""
+
+    def cast(self, setting: PrecisionSetting) -> None:
+        """Convert images, state and optimizer moments to the setting's current format."""
+
+
+def convergence_value(losses: list[float]) -> float:
+    """ANTs' convergence value of a window of losses: minus the slope of the normalised profile."""
+    count = len(losses)
+    total = sum(abs(value) for value in losses)
+    if total == 0.0 or count < 2:
+        return 0.0
+    profile = [value / total for value in losses]
+    positions = [index / (count - 1) for index in range(count)]
+    mean_position = sum(positions) / count
+    mean_profile = sum(profile) / count
+    numerator = sum((p - mean_position) * (v - mean_profile) for p, v in zip(positions, profile, strict=True))
+    denominator = sum((p - mean_position) ** 2 for p in positions)
+    return -numerator / denominator
+
+
+@dataclass
+class ConvergenceMonitor:
+    """ANTs' window convergence test on the loss curve of one level."""
+
+    window: int = 10
+    threshold: float = 1e-6
+    losses: list[float] = field(default_factory=list)
+
+    def converged(self, loss: float) -> bool:
+        """Record a loss; True once a full window has a convergence value below the threshold."""
+        self.losses.append(loss)
+        if len(self.losses) < self.window:
+            return False
+        return convergence_value(self.losses[-self.window :]) < self.threshold
+
+
+class ScaledGradientDescent:
+    """ANTs' rigid/affine optimizer: gradient descent with physical-shift parameter scales.
+
+    Each parameter has a scale: how many mm the farthest voxel moves per unit of it (1 for a
+    translation, the image radius for an angle or a matrix entry). The gradient is divided by the
+    squared scales, and the learning rate is estimated on the first step of a level so that this
+    step moves the farthest voxel by `max_shift` mm; later steps keep that rate, so they shrink as
+    the gradient vanishes, and are capped at `max_shift` so that a gradient spike cannot throw the
+    transform away.
+    """
+
+    def __init__(self, scales: torch.Tensor, *, max_shift: float) -> None:
+        self.scales = scales
+        self.max_shift = max_shift
+        self.learning_rate: float | None = None
+
+    def step(self, parameters: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """The parameters after one scaled gradient step."""
+        scales = self.scales.to(device=gradient.device, dtype=gradient.dtype)
+        direction = gradient / (scales * scales)
+        shift = float((direction.abs() * scales).max())
+        if not shift > 0:
+            return parameters
+        if self.learning_rate is None:
+            self.learning_rate = self.max_shift / shift
+        rate = min(self.learning_rate, self.max_shift / shift)
+        return parameters - rate * direction
+
+    def cast(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The scales to the new format (the learning rate is a Python float)."""
+        self.scales = convert(self.scales)
+
+
+def optimize_level(
+    problem: LevelProblem,
+    *,
+    iterations: int,
+    monitor: ConvergenceMonitor,
+    setting: PrecisionSetting,
+    stage: str,
+    level: int,
+    trace: list[dict[str, Any]],
+) -> float:
+    """Iterate one level until the iteration limit or convergence; return the last loss."""
+    last_loss = math.nan
+    for iteration in range(iterations):
+        start = time.perf_counter()
+        running_format = setting.format
+        with setting.context():
+            loss, gradients = problem.evaluate()
+        loss_value = float(loss)
+        if not math.isfinite(loss_value) or not all(bool(torch.isfinite(g).all()) for g in gradients):
+            raise RegistrationDiverged(stage=stage, level=level, iteration=iteration)
+        with setting.context():
+            problem.step(gradients)
+        observation = setting.observe(problem.state(), gradients)
+        if observation["changed"]:
+            problem.cast(setting)
+        seconds = time.perf_counter() - start
+        trace.append(
+            {
+                "stage": stage,
+                "level": level,
+                "iteration": iteration,
+                "loss": loss_value,
+                "pmin": observation["pmin"],
+                "pmin_smoothed": observation["pmin_smoothed"],
+                "format": running_format,
+                "seconds": seconds,
+            }
+        )
+        last_loss = loss_value
+        if monitor.converged(loss_value):
+            break
+    return last_loss

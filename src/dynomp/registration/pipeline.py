@@ -1,0 +1,412 @@
+"""`register_pair`: centre-of-mass initialisation, then rigid, affine and SyN, each over a pyramid.
+
+Read as a method section:
+
+1. Both images are held on their own grids with their voxel-to-world affines; the transform maps a
+   physical point of the fixed image to one of the moving image (ITK's direction, used to resample
+   the moving image onto the fixed grid).
+2. Initialisation: the translation between the centres of mass; rotations are about the fixed
+   image's centre of mass.
+3. For each stage and each pyramid level (coarse to fine), both images are smoothed and shrunk, the
+   stage's loss is built on the level, and `optimize_level` iterates until convergence.
+4. Rigid (rotation + translation) and affine (matrix + translation) stages optimise physical
+   parameters by scaled gradient descent. SyN keeps two displacement fields on the fixed grid, u_f and u_m, that map
+   a middle space to the fixed image and to the affinely aligned moving image; each iteration
+   computes the metric's gradient at the middle, smooths it by `update_sigma` voxels, scales it so
+   that no voxel moves more than `learning_rate` voxels, composes it into each field, and smooths
+   the total field by `total_sigma`. At the end, both fields are inverted by fixed-point iteration;
+   the forward transform is u_m after the inverse of u_f, the inverse transform u_f after the
+   inverse of u_m. A stage whose loss turns NaN is dropped: the outputs use the stages before it.
+
+Everything an iteration touches (images, parameters, fields, optimizer scales) is held in the arm's
+current format; the final transforms are assembled and applied in float64.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynomp.registration.config import RegistrationConfig, StageConfig
+from dynomp.registration.metrics import Loss, build_loss
+from dynomp.registration.optimizer import (
+    ConvergenceMonitor,
+    RegistrationDiverged,
+    ScaledGradientDescent,
+    optimize_level,
+)
+from dynomp.registration.precision import PrecisionSetting, seconds_by_format
+from dynomp.registration.pyramid import PyramidLevel, build_level, smooth
+from dynomp.registration.transforms import (
+    affine_coordinates,
+    center_of_mass,
+    compose,
+    homogeneous,
+    identity_coordinates,
+    invert,
+    resize_field,
+    rotation_angles,
+    rotation_matrix,
+    sample,
+    to_physical,
+    warp,
+)
+
+INVERSION_ITERATIONS = 30
+
+
+@dataclass
+class RegistrationResult:
+    """What a registration produced: the transforms, the per-iteration trace and the outcome."""
+
+    status: str
+    transform: np.ndarray
+    forward_displacement: np.ndarray
+    inverse_displacement: np.ndarray
+    moving_coordinates: np.ndarray
+    trace: list[dict[str, Any]]
+    final_losses: dict[str, float]
+    seconds: float
+    diverged_at: dict[str, Any] | None = None
+    seconds_by_format: dict[str, float] = field(default_factory=dict)
+
+    def warp_moving(self, moving: np.ndarray, *, labels: bool = False) -> np.ndarray:
+        """A moving-grid volume resampled onto the fixed grid (nearest neighbour for labels)."""
+        volume = torch.as_tensor(np.asarray(moving, dtype=np.float64))
+        coordinates = torch.as_tensor(self.moving_coordinates)
+        mode = "nearest" if labels else "bilinear"
+        values = sample(volume, coordinates, mode=mode, padding="zeros").numpy()
+        return np.rint(values).astype(np.int32) if labels else values
+
+
+def grid_affine(affine: np.ndarray, dimensions: int) -> torch.Tensor:
+    """The (D+1)x(D+1) voxel-to-world matrix of a D-dimensional image from a NIfTI 4x4 affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if dimensions == 3:
+        return torch.as_tensor(affine)
+    keep = [*range(dimensions), 3]
+    return torch.as_tensor(affine[np.ix_(keep, keep)])
+
+
+def _volume_tensor(volume: Any, name: str, device: torch.device) -> torch.Tensor:
+    data = np.asarray(volume.data, dtype=np.float64)
+    if data.ndim not in (2, 3):
+        raise ValueError(f"{name}: expected a 2-D or 3-D image, got {data.ndim}-D")
+    if not np.isfinite(data).all():
+        raise ValueError(f"{name}: the image has NaN or infinite voxels")
+    return torch.as_tensor(data, device=device)
+
+
+@dataclass
+class _Images:
+    """Both images at one level, in the current format."""
+
+    fixed: PyramidLevel
+    moving: PyramidLevel
+
+
+def _levels(fixed: torch.Tensor, fixed_affine: torch.Tensor, moving: torch.Tensor,
+            moving_affine: torch.Tensor, stage: StageConfig, level: int) -> _Images:
+    factor, sigma = stage.shrink_factors[level], stage.smoothing_sigmas[level]
+    return _Images(
+        fixed=build_level(fixed, fixed_affine, shrink_factor=factor, sigma=sigma),
+        moving=build_level(moving, moving_affine, shrink_factor=factor, sigma=sigma),
+    )
+
+
+class LinearProblem:
+    """Rigid or affine parameters at one level: y = M (x - c) + c + t in physical space."""
+
+    def __init__(self, *, kind: str, images: _Images, parameters: torch.Tensor, center: torch.Tensor,
+                 loss: Loss, learning_rate: float, setting: PrecisionSetting) -> None:
+        self.kind = kind
+        self.dimensions = images.fixed.data.dim()
+        self.fixed_affine = images.fixed.affine
+        self.moving_affine = images.moving.affine
+        self.shape = tuple(images.fixed.data.shape)
+        self.center = center
+        self.loss = loss
+        self.fixed = setting.cast(images.fixed.data)
+        self.moving = setting.cast(images.moving.data)
+        self.parameters = setting.cast(parameters)
+        spacing = float(np.mean(np.linalg.norm(self.fixed_affine[: self.dimensions, : self.dimensions].numpy(), axis=0)))
+        corners = identity_coordinates([2] * self.dimensions, dtype=torch.float64) * torch.tensor(
+            [n - 1 for n in self.shape], dtype=torch.float64
+        ).reshape(self.dimensions, *([1] * self.dimensions))
+        radius = float((to_physical(corners, self.fixed_affine).reshape(self.dimensions, -1)
+                        - center.cpu().reshape(-1, 1)).norm(dim=0).max())
+        linear_count = parameters.numel() - self.dimensions
+        scales = [max(radius, 1e-6)] * linear_count + [1.0] * self.dimensions
+        # a first step moves the farthest voxel by learning_rate voxels of this level
+        self.optimizer = ScaledGradientDescent(
+            torch.tensor(scales, dtype=torch.float64, device=parameters.device),
+            max_shift=learning_rate * spacing,
+        )
+
+    def matrix(self, parameters: torch.Tensor) -> torch.Tensor:
+        """The homogeneous transform of a parameter vector."""
+        return linear_transform(self.kind, parameters, center=self.center, dimensions=self.dimensions)
+
+    def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss and its gradient with respect to the parameter vector."""
+        parameters = self.parameters.detach().requires_grad_(True)
+        coordinates = affine_coordinates(
+            self.matrix(parameters), fixed_affine=self.fixed_affine,
+            moving_affine=self.moving_affine, shape=self.shape,
+        )
+        loss = self.loss(self.fixed, sample(self.moving, coordinates))
+        (gradient,) = torch.autograd.grad(loss, parameters)
+        return loss.detach(), [gradient]
+
+    def step(self, gradients: list[torch.Tensor]) -> None:
+        """One scaled gradient-descent step."""
+        self.parameters = self.optimizer.step(self.parameters, gradients[0])
+
+    def state(self) -> list[torch.Tensor]:
+        """The parameter vector."""
+        return [self.parameters]
+
+    def cast(self, setting: PrecisionSetting) -> None:
+        """Images, parameters and the optimizer's scales to the new format."""
+        self.fixed = setting.cast(self.fixed)
+        self.moving = setting.cast(self.moving)
+        self.parameters = setting.cast(self.parameters)
+        self.optimizer.cast(setting.cast)
+
+
+class SymmetricProblem:
+    """SyN at one level: the fields u_f and u_m from the middle space to each image."""
+
+    def __init__(self, *, fixed: torch.Tensor, moving: torch.Tensor, fixed_field: torch.Tensor,
+                 moving_field: torch.Tensor, loss: Loss, stage: StageConfig,
+                 setting: PrecisionSetting) -> None:
+        self.fixed = setting.cast(fixed)
+        self.moving = setting.cast(moving)
+        self.fixed_field = setting.cast(fixed_field)
+        self.moving_field = setting.cast(moving_field)
+        self.loss = loss
+        self.stage = stage
+        self.dimensions = fixed.dim()
+
+    def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss at the middle and its gradients with respect to both fields."""
+        fixed_field = self.fixed_field.detach().requires_grad_(True)
+        moving_field = self.moving_field.detach().requires_grad_(True)
+        loss = self.loss(warp(self.fixed, fixed_field), warp(self.moving, moving_field))
+        fixed_gradient, moving_gradient = torch.autograd.grad(loss, [fixed_field, moving_field])
+        return loss.detach(), [fixed_gradient, moving_gradient]
+
+    def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        direction = smooth(gradient, self.stage.update_sigma, dimensions=self.dimensions)
+        largest = direction.norm(dim=0).max()
+        if not bool(largest > 0):
+            return field_
+        update = direction * (-self.stage.learning_rate / largest)
+        total = compose(field_, update)
+        if self.stage.total_sigma > 0:
+            total = smooth(total, self.stage.total_sigma, dimensions=self.dimensions)
+        return total
+
+    def step(self, gradients: list[torch.Tensor]) -> None:
+        """Compose a smoothed, normalised gradient step into each field."""
+        self.fixed_field = self._update(self.fixed_field, gradients[0])
+        self.moving_field = self._update(self.moving_field, gradients[1])
+
+    def state(self) -> list[torch.Tensor]:
+        """Both fields."""
+        return [self.fixed_field, self.moving_field]
+
+    def cast(self, setting: PrecisionSetting) -> None:
+        """Images and fields to the new format (SyN's step keeps no optimizer moments)."""
+        self.fixed = setting.cast(self.fixed)
+        self.moving = setting.cast(self.moving)
+        self.fixed_field = setting.cast(self.fixed_field)
+        self.moving_field = setting.cast(self.moving_field)
+
+
+def linear_transform(kind: str, parameters: torch.Tensor, *, center: torch.Tensor,
+                     dimensions: int) -> torch.Tensor:
+    """The homogeneous physical transform of a rigid or affine parameter vector."""
+    linear = parameters[:-dimensions]
+    translation = parameters[-dimensions:]
+    if kind == "rigid":
+        matrix = rotation_matrix(linear)
+    else:
+        matrix = linear.reshape(dimensions, dimensions)
+    return homogeneous(matrix, translation, center.to(device=parameters.device, dtype=parameters.dtype))
+
+
+def _initial_parameters(kind: str, transform: torch.Tensor, center: torch.Tensor,
+                        dimensions: int) -> torch.Tensor:
+    """The stage's parameter vector that reproduces `transform` (rotations about `center`)."""
+    matrix = transform[:dimensions, :dimensions]
+    translation = transform[:dimensions, dimensions] - center + matrix @ center
+    linear = rotation_angles(matrix) if kind == "rigid" else matrix.reshape(-1)
+    return torch.cat([linear, translation])
+
+
+def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precision: str,
+                  device: str | torch.device = "cpu") -> RegistrationResult:
+    """Register `moving` to `fixed` (objects with .data and .affine) with the engine arm `precision`."""
+    device = torch.device(device)
+    started = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    fixed_data = _volume_tensor(fixed, "fixed", device)
+    moving_data = _volume_tensor(moving, "moving", device)
+    dimensions = fixed_data.dim()
+    if moving_data.dim() != dimensions:
+        raise ValueError(
+            f"moving: {moving_data.dim()}-D image where the fixed image is {dimensions}-D"
+        )
+    fixed_affine = grid_affine(fixed.affine, dimensions)
+    moving_affine = grid_affine(moving.affine, dimensions)
+    setting = PrecisionSetting(precision, device=device, config=config.precision)
+    torch.manual_seed(config.seed)
+
+    center = center_of_mass(fixed_data, fixed_affine).cpu()
+    transform = torch.eye(dimensions + 1, dtype=torch.float64)
+    if config.initialize_center_of_mass:
+        transform[:dimensions, dimensions] = center_of_mass(moving_data, moving_affine).cpu() - center
+    trace: list[dict[str, Any]] = []
+    final_losses: dict[str, float] = {}
+    fixed_field = moving_field = None
+    diverged_at = None
+    try:
+        for stage in config.stages:
+            if stage.name in ("rigid", "affine"):
+                transform = _linear_stage(
+                    stage, transform=transform, center=center, fixed=fixed_data, moving=moving_data,
+                    fixed_affine=fixed_affine, moving_affine=moving_affine, setting=setting,
+                    trace=trace, final_losses=final_losses, seed=config.seed, device=device,
+                )
+            else:
+                fixed_field, moving_field = _symmetric_stage(
+                    stage, transform=transform, fixed=fixed_data, moving=moving_data,
+                    fixed_affine=fixed_affine, moving_affine=moving_affine, setting=setting,
+                    trace=trace, final_losses=final_losses,
+                )
+    except RegistrationDiverged as error:
+        diverged_at = {"stage": error.stage, "level": error.level, "iteration": error.iteration}
+
+    shape = tuple(fixed_data.shape)
+    if fixed_field is None:
+        forward_field = torch.zeros(dimensions, *shape, dtype=torch.float64, device=device)
+        backward_field = forward_field
+    else:
+        fixed_field = resize_field(fixed_field.to(torch.float64), shape)
+        moving_field = resize_field(moving_field.to(torch.float64), shape)
+        forward_field = compose(moving_field, invert(fixed_field, iterations=INVERSION_ITERATIONS))
+        backward_field = compose(fixed_field, invert(moving_field, iterations=INVERSION_ITERATIONS))
+    transform_device = transform.to(device)
+    moving_coordinates = affine_coordinates(
+        transform_device, fixed_affine=fixed_affine, moving_affine=moving_affine, shape=shape,
+        displacement=forward_field,
+    )
+    fixed_points = to_physical(identity_coordinates(shape, dtype=torch.float64, device=device), fixed_affine)
+    forward_displacement = to_physical(moving_coordinates, moving_affine) - fixed_points
+    inverse_displacement = _inverse_displacement(
+        transform_device, backward_field, fixed_affine=fixed_affine, moving_affine=moving_affine,
+        moving_shape=tuple(moving_data.shape),
+    )
+    return RegistrationResult(
+        status="diverged" if diverged_at else "completed",
+        transform=transform.numpy(),
+        forward_displacement=np.moveaxis(forward_displacement.cpu().numpy(), 0, -1),
+        inverse_displacement=np.moveaxis(inverse_displacement.cpu().numpy(), 0, -1),
+        moving_coordinates=moving_coordinates.cpu().numpy(),
+        trace=trace,
+        final_losses=final_losses,
+        seconds=time.perf_counter() - started,
+        diverged_at=diverged_at,
+        seconds_by_format=seconds_by_format(trace),
+    )
+
+
+def _inverse_displacement(transform: torch.Tensor, backward_field: torch.Tensor, *,
+                          fixed_affine: torch.Tensor, moving_affine: torch.Tensor,
+                          moving_shape: tuple[int, ...]) -> torch.Tensor:
+    """Physical displacement, on the moving grid, of the map from moving points to fixed points."""
+    device = backward_field.device
+    moving_points = to_physical(
+        identity_coordinates(moving_shape, dtype=torch.float64, device=device), moving_affine
+    )
+    to_fixed_voxels = torch.linalg.inv(fixed_affine.to(device)) @ torch.linalg.inv(transform)
+    fixed_voxels = to_physical(moving_points, to_fixed_voxels)
+    correction = sample(backward_field, fixed_voxels, padding="border")
+    fixed_points = to_physical(fixed_voxels + correction, fixed_affine)
+    return fixed_points - moving_points
+
+
+def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.Tensor,
+                  fixed: torch.Tensor, moving: torch.Tensor, fixed_affine: torch.Tensor,
+                  moving_affine: torch.Tensor, setting: PrecisionSetting,
+                  trace: list[dict[str, Any]], final_losses: dict[str, float], seed: int,
+                  device: torch.device) -> torch.Tensor:
+    """Run a rigid or affine stage over its pyramid; return the new physical transform."""
+    dimensions = fixed.dim()
+    parameters = _initial_parameters(stage.name, transform, center, dimensions)
+    for level in range(stage.levels):
+        images = _levels(fixed, fixed_affine, moving, moving_affine, stage, level)
+        loss = build_loss(
+            stage.metric, fixed=images.fixed.data, moving=images.moving.data,
+            bins=stage.metric_bins, radius=stage.cc_radius,
+            sampling_fraction=stage.sampling_fraction, seed=seed + level,
+        )
+        setting.start_level()
+        problem = LinearProblem(
+            kind=stage.name, images=images, parameters=parameters.to(device), center=center.to(device),
+            loss=loss, learning_rate=stage.learning_rate, setting=setting,
+        )
+        final_losses[f"{stage.name}/{level}"] = optimize_level(
+            problem, iterations=stage.iterations[level],
+            monitor=ConvergenceMonitor(stage.convergence_window, stage.convergence_threshold),
+            setting=setting, stage=stage.name, level=level, trace=trace,
+        )
+        parameters = problem.parameters.detach().to(torch.float64).cpu()
+    with torch.no_grad():
+        return linear_transform(stage.name, parameters, center=center, dimensions=dimensions)
+
+
+def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, fixed: torch.Tensor,
+                     moving: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor,
+                     setting: PrecisionSetting, trace: list[dict[str, Any]],
+                     final_losses: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run SyN over its pyramid; return the fields u_f and u_m at the last level's grid."""
+    dimensions = fixed.dim()
+    fixed_field = moving_field = None
+    for level in range(stage.levels):
+        images = _levels(fixed, fixed_affine, moving, moving_affine, stage, level)
+        shape = tuple(images.fixed.data.shape)
+        # the moving image, affinely aligned, on this level's fixed grid
+        coordinates = affine_coordinates(
+            transform.to(fixed.device), fixed_affine=images.fixed.affine,
+            moving_affine=images.moving.affine, shape=shape,
+        )
+        aligned = sample(images.moving.data, coordinates)
+        if fixed_field is None:
+            fixed_field = torch.zeros(dimensions, *shape, dtype=torch.float64, device=fixed.device)
+            moving_field = torch.zeros_like(fixed_field)
+        else:
+            fixed_field = resize_field(fixed_field, shape)
+            moving_field = resize_field(moving_field, shape)
+        loss = build_loss(stage.metric, fixed=images.fixed.data, moving=aligned,
+                          bins=stage.metric_bins, radius=stage.cc_radius,
+                          sampling_fraction=stage.sampling_fraction)
+        setting.start_level()
+        problem = SymmetricProblem(
+            fixed=images.fixed.data, moving=aligned, fixed_field=fixed_field,
+            moving_field=moving_field, loss=loss, stage=stage, setting=setting,
+        )
+        final_losses[f"syn/{level}"] = optimize_level(
+            problem, iterations=stage.iterations[level],
+            monitor=ConvergenceMonitor(stage.convergence_window, stage.convergence_threshold),
+            setting=setting, stage=stage.name, level=level, trace=trace,
+        )
+        fixed_field = problem.fixed_field.detach().to(torch.float64)
+        moving_field = problem.moving_field.detach().to(torch.float64)
+    return fixed_field, moving_field

@@ -1,0 +1,185 @@
+"""Transforms: centre of mass, rigid and affine maps, displacement fields and their algebra.
+
+Coordinates. The engine works on the fixed image's voxel grid, with physical positions given by
+voxel-to-world affines (RAS+, as nibabel). Rigid and affine transforms act on physical points,
+y = M (x - c) + c + t, with c the fixed image's centre of mass, so a rotation is a rotation in mm
+whatever the voxel sizes. Displacement fields live on a grid of the fixed image and are stored in
+that grid's voxel units, shape (D, *grid); a field u stands for the map x -> x + u(x).
+
+Resampling is torch's `grid_sample` (trilinear or nearest), so the same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def identity_coordinates(
+    shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Voxel indices of every voxel of a grid, shape (D, *shape)."""
+    axes = [torch.arange(n, dtype=dtype, device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def sample(
+    volume: torch.Tensor,
+    coordinates: torch.Tensor,
+    *,
+    mode: str = "bilinear",
+    padding: str = "border",
+) -> torch.Tensor:
+    """Values of `volume` (*grid, or C x *grid) at voxel `coordinates` (D, *out), interpolated."""
+    dimensions = coordinates.shape[0]
+    spatial = volume.shape[-dimensions:]
+    channels = volume.shape[:-dimensions]
+    normalised = []
+    for axis in range(dimensions):
+        extent = spatial[axis] - 1
+        if extent > 0:
+            normalised.append(coordinates[axis] * (2.0 / extent) - 1.0)
+        else:
+            normalised.append(coordinates[axis] * 0.0)
+    # grid_sample orders the last grid component as the fastest (last) array axis
+    grid = torch.stack(normalised[::-1], dim=-1).unsqueeze(0).to(volume.dtype)
+    batch = volume.reshape(1, -1, *spatial)
+    values = F.grid_sample(batch, grid, mode=mode, padding_mode=padding, align_corners=True)
+    return values.reshape(*channels, *coordinates.shape[1:])
+
+
+def to_physical(coordinates: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Voxel coordinates (D, *grid) to physical points (D, *grid) through a homogeneous affine."""
+    dimensions = coordinates.shape[0]
+    affine = affine.to(device=coordinates.device, dtype=coordinates.dtype)
+    flat = coordinates.reshape(dimensions, -1)
+    points = affine[:dimensions, :dimensions] @ flat + affine[:dimensions, dimensions, None]
+    return points.reshape(coordinates.shape)
+
+
+def to_voxels(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Physical points (D, *grid) to voxel coordinates of the grid whose affine is `affine`."""
+    inverse = torch.linalg.inv(affine.to(torch.float64))
+    return to_physical(points, inverse)
+
+
+def center_of_mass(volume: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Intensity-weighted centre in physical coordinates (negative intensities count as zero)."""
+    weights = volume.detach().to(torch.float64).clamp(min=0)
+    total = weights.sum()
+    dimensions = volume.dim()
+    if not total > 0:
+        raise ValueError("centre of mass: the image has no positive intensity")
+    coordinates = identity_coordinates(volume.shape, dtype=torch.float64, device=volume.device)
+    voxel_center = (coordinates * weights).reshape(dimensions, -1).sum(1) / total
+    return to_physical(voxel_center.reshape(dimensions, 1), affine.to(volume.device)).reshape(-1)
+
+
+def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
+    """Rotation from Euler angles in radians: one angle in 2-D, three (about x, y, z) in 3-D."""
+    if angles.numel() == 1:
+        cos, sin = torch.cos(angles[0]), torch.sin(angles[0])
+        return torch.stack([torch.stack([cos, -sin]), torch.stack([sin, cos])])
+    if angles.numel() != 3:
+        raise ValueError(f"angles: expected 1 (2-D) or 3 (3-D) angles, got {angles.numel()}")
+    one, zero = torch.ones_like(angles[0]), torch.zeros_like(angles[0])
+    cx, sx = torch.cos(angles[0]), torch.sin(angles[0])
+    cy, sy = torch.cos(angles[1]), torch.sin(angles[1])
+    cz, sz = torch.cos(angles[2]), torch.sin(angles[2])
+    about_x = torch.stack([torch.stack([one, zero, zero]), torch.stack([zero, cx, -sx]),
+                           torch.stack([zero, sx, cx])])
+    about_y = torch.stack([torch.stack([cy, zero, sy]), torch.stack([zero, one, zero]),
+                           torch.stack([-sy, zero, cy])])
+    about_z = torch.stack([torch.stack([cz, -sz, zero]), torch.stack([sz, cz, zero]),
+                           torch.stack([zero, zero, one])])
+    return about_z @ about_y @ about_x
+
+
+def rotation_angles(matrix: torch.Tensor) -> torch.Tensor:
+    """Euler angles of a rotation matrix, the inverse of `rotation_matrix` (away from gimbal lock)."""
+    if matrix.shape[0] == 2:
+        return torch.atan2(matrix[1, 0], matrix[0, 0]).reshape(1)
+    angle_y = torch.asin((-matrix[2, 0]).clamp(-1.0, 1.0))
+    angle_x = torch.atan2(matrix[2, 1], matrix[2, 2])
+    angle_z = torch.atan2(matrix[1, 0], matrix[0, 0])
+    return torch.stack([angle_x, angle_y, angle_z])
+
+
+def homogeneous(matrix: torch.Tensor, translation: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """The (D+1)x(D+1) matrix of y = M (x - c) + c + t."""
+    dimensions = matrix.shape[0]
+    result = torch.eye(dimensions + 1, dtype=matrix.dtype, device=matrix.device)
+    result[:dimensions, :dimensions] = matrix
+    result[:dimensions, dimensions] = center - matrix @ center + translation
+    return result
+
+
+def affine_coordinates(
+    transform: torch.Tensor,
+    *,
+    fixed_affine: torch.Tensor,
+    moving_affine: torch.Tensor,
+    shape: Sequence[int],
+    displacement: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Moving-grid voxel coordinates of every fixed-grid voxel x: M^-1 T F (x + u(x)).
+
+    `transform` is the homogeneous physical map T (fixed point -> moving point); F and M are the
+    two grids' voxel-to-world affines; `displacement` u is an optional field on the fixed grid.
+    """
+    dtype = transform.dtype
+    device = transform.device
+    dimensions = len(shape)
+    coordinates = identity_coordinates(shape, dtype=dtype, device=device)
+    if displacement is not None:
+        coordinates = coordinates + displacement.to(dtype)
+    combined = (
+        torch.linalg.inv(moving_affine.to(device=device, dtype=torch.float64)).to(dtype)
+        @ transform
+        @ fixed_affine.to(device=device, dtype=dtype)
+    )
+    flat = coordinates.reshape(dimensions, -1)
+    mapped = combined[:dimensions, :dimensions] @ flat + combined[:dimensions, dimensions, None]
+    return mapped.reshape(dimensions, *shape)
+
+
+def warp(
+    volume: torch.Tensor, displacement: torch.Tensor, *, mode: str = "bilinear", padding: str = "border"
+) -> torch.Tensor:
+    """`volume` resampled at x + u(x) (both on the same grid)."""
+    coordinates = identity_coordinates(
+        displacement.shape[1:], dtype=displacement.dtype, device=displacement.device
+    )
+    return sample(volume, coordinates + displacement, mode=mode, padding=padding)
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The field of (x -> x + outer) after (x -> x + inner): inner(x) + outer(x + inner(x))."""
+    return inner + warp(outer, inner)
+
+
+def invert(displacement: torch.Tensor, *, iterations: int = 30, initial: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse field v with u(x + v(x)) = -v(x), by fixed-point iteration v <- -u(x + v(x)).
+
+    The iteration converges where the map is invertible with a Lipschitz-small displacement, which
+    the smoothed SyN updates keep; `initial` (the previous inverse) speeds it up.
+    """
+    inverse = -displacement if initial is None else initial
+    for _ in range(iterations):
+        inverse = -warp(displacement, inverse)
+    return inverse
+
+
+def resize_field(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A field moved to a grid with `shape` voxels over the same extent, in the new voxel units."""
+    dimensions = displacement.shape[0]
+    old = displacement.shape[1:]
+    if tuple(old) == tuple(shape):
+        return displacement
+    mode = "trilinear" if dimensions == 3 else "bilinear"
+    resized = F.interpolate(displacement.unsqueeze(0), size=tuple(shape), mode=mode, align_corners=True)[0]
+    scales = [((new - 1) / (previous - 1)) if previous > 1 else 1.0 for previous, new in zip(old, shape, strict=True)]
+    factors = torch.tensor(scales, dtype=resized.dtype, device=resized.device)
+    return resized * factors.reshape(dimensions, *([1] * dimensions))

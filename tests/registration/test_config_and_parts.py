@@ -1,0 +1,81 @@
+"""Config loading, the convergence test, the pyramid and the field algebra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynomp.registration.config import load_config, paper_config, quick_config
+from dynomp.registration.metrics import local_cross_correlation, mutual_information
+from dynomp.registration.optimizer import ConvergenceMonitor, convergence_value
+from dynomp.registration.precision import check_arm
+from dynomp.registration.pyramid import build_level
+from dynomp.registration.transforms import compose, invert, resize_field
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "registration"
+
+
+def test_paper_yaml_is_the_paper_default_and_quick_yaml_is_quick():
+    assert load_config(CONFIGS / "paper.yaml") == paper_config()
+    assert load_config(CONFIGS / "quick.yaml") == quick_config()
+
+
+def test_unknown_keys_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stages:\n  - name: rigid\n    learnign_rate: 0.2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: stages\[0\]: unknown key 'learnign_rate'"):
+        load_config(path)
+    path.write_text("precison: {}\n")
+    with pytest.raises(ValueError, match="unknown key 'precison'"):
+        load_config(path)
+    path.write_text("precision: {execution: turbo}\n")
+    with pytest.raises(ValueError, match="precision.execution: unknown mode 'turbo'"):
+        load_config(path)
+
+
+def test_unknown_arm_is_named():
+    with pytest.raises(ValueError, match="--arm: unknown arm 'fp12'"):
+        check_arm("fp12")
+
+
+def test_convergence_value_of_linear_and_flat_curves():
+    assert convergence_value([1.0] * 10) == pytest.approx(0.0)
+    # a loss falling linearly from 10 to 1, normalised by its sum 55: slope -9/55 per unit t
+    assert convergence_value([float(v) for v in range(10, 0, -1)]) == pytest.approx(9 / 55)
+    monitor = ConvergenceMonitor(window=10, threshold=1e-6)
+    flags = [monitor.converged(-1.0) for _ in range(10)]
+    assert flags == [False] * 9 + [True]
+
+
+def test_pyramid_level_keeps_the_field_of_view():
+    volume = torch.arange(16 * 12 * 8, dtype=torch.float64).reshape(16, 12, 8)
+    affine = torch.diag(torch.tensor([2.0, 3.0, 1.0, 1.0], dtype=torch.float64))
+    level = build_level(volume, affine, shrink_factor=4, sigma=0.0)
+    assert tuple(level.data.shape) == (4, 3, 2)
+    # the first and last coarse voxels sit on the first and last fine voxels
+    assert float(level.data[0, 0, 0]) == 0.0 and float(level.data[-1, -1, -1]) == float(volume[-1, -1, -1])
+    assert torch.allclose(level.affine @ torch.tensor([3.0, 2.0, 1.0, 1.0], dtype=torch.float64),
+                          torch.tensor([30.0, 33.0, 7.0, 1.0], dtype=torch.float64))
+
+
+def test_field_inverse_and_resize():
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, 20, dtype=torch.float64)] * 3, indexing="ij"))
+    field = 1.5 * torch.sin(torch.pi * grid[[1, 2, 0]])
+    inverse = invert(field, iterations=30)
+    residual = compose(field, inverse)[:, 3:-3, 3:-3, 3:-3]
+    assert residual.abs().max() < 0.02
+    bigger = resize_field(field, (39, 39, 39))
+    assert torch.allclose(bigger[:, ::2, ::2, ::2], 2 * field)
+
+
+def test_metrics_peak_at_alignment():
+    image = torch.randn(24, 24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    shifted = torch.roll(image, 2, 0)
+    limits = (float(image.min()), float(image.max()))
+    same = mutual_information(image, image, fixed_range=limits, moving_range=limits)
+    other = mutual_information(image, shifted, fixed_range=limits, moving_range=limits)
+    assert same > 1.0 > 0.1 > other
+    assert local_cross_correlation(image, 2 * image + 1, radius=2) > 0.99
+    assert local_cross_correlation(image, shifted, radius=2) < 0.1

@@ -13,8 +13,6 @@ from dynomp.cli import main
 
 from .conftest import SPACING
 
-pytest.importorskip("dynomp.data.nifti")
-
 AFFINE = np.diag([SPACING, SPACING, SPACING, 1.0])
 TINY = """preset: quick
 stages:

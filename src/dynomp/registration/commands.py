@@ -14,6 +14,7 @@ import torch
 
 from dynomp import __version__
 from dynomp.atomic import atomic_path, write_json_atomic
+from dynomp.data.nifti import check_same_grid, read_volume
 from dynomp.evaluate.jacobian import folding_percent, jacobian_determinant, sd_log_jacobian
 from dynomp.evaluate.meters import ResourceMeter
 from dynomp.evaluate.overlap import dice, jaccard, mean_over_labels
@@ -42,8 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_labels(path: Path, image: Any, image_name: str, label_name: str) -> Any:
-    from dynomp.data.nifti import check_same_grid, read_volume
-
     labels = read_volume(path, labels=True)
     check_same_grid(image, labels, first_name=image_name, second_name=label_name)
     if not np.any(labels.data != 0):
@@ -81,8 +80,6 @@ def _moving_coordinates(forward_ras: np.ndarray, fixed_affine: np.ndarray,
 
 def run_register(args: argparse.Namespace) -> int:
     """Register, then write warped image and labels, both warps, trace.parquet and metrics.json."""
-    from dynomp.data.nifti import read_volume
-
     arm = check_arm(args.arm)
     config = load_config(args.config)
     fixed = read_volume(args.fixed)

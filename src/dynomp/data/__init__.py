@@ -1,0 +1,1 @@
+"""Data: validated NIfTI I/O, BIDS, the embedded cohort, DataLad and TemplateFlow."""

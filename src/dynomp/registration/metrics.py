@@ -7,7 +7,7 @@ to transform parameters or displacement fields, in whatever dtype the images are
   Parzen windowing with a cubic B-spline kernel on both images, over a regular subsample of the
   voxels (`sampling_fraction`, ANTs' `Regular,0.25`). Loss = -MI.
 - Local cross-correlation (ANTs' `CC[...,radius]`): squared correlation over a (2r+1)^D box around
-  every voxel, with the box sums from separable convolutions (cumulative sums would lose every bit
+  every voxel, with the box sums from separable filters (cumulative sums would lose every bit
   of a 16-bit format on a 100-voxel line). Loss = -mean CC.
 - Mean squared error of intensities.
 """
@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from dynomp.registration.pyramid import axis_filter_matrix, filter_axes
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Parzen bins kept free at each end so the B-spline support of extreme values stays in range
@@ -34,12 +35,62 @@ def cubic_bspline(distance: torch.Tensor) -> torch.Tensor:
 
 def parzen_weights(values: torch.Tensor, *, low: float, high: float, bins: int) -> torch.Tensor:
     """N x bins B-spline weights of `values` mapped linearly from [low, high] onto the bins."""
+    first_bin, weights = parzen_taps(values, low=low, high=high, bins=bins)
+    dense = torch.zeros(values.numel(), bins, dtype=weights.dtype, device=weights.device)
+    return dense.scatter(1, first_bin.unsqueeze(-1) + _TAP_OFFSETS.to(first_bin.device), weights)
+
+
+_TAP_OFFSETS = torch.arange(4)
+
+
+def parzen_taps(values: torch.Tensor, *, low: float, high: float, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four bins a cubic B-spline window touches per value: (first bin, N; weights, N x 4).
+
+    A value at bin position q touches bins floor(q) - 1 .. floor(q) + 2, with the uniform cubic
+    B-spline's four basis polynomials of f = q - floor(q) as weights. That is the kernel evaluated
+    at those bins only: the same numbers as at all `bins` centres, for 8x less work at 32 bins.
+    """
     span = high - low if high > low else 1.0
     usable = bins - 1 - 2 * _PADDING_BINS
-    position = (values - low) * (usable / span) + _PADDING_BINS
+    position = (values.reshape(-1) - low) * (usable / span) + _PADDING_BINS
     position = position.clamp(_PADDING_BINS, bins - 1 - _PADDING_BINS)
-    centers = torch.arange(bins, dtype=values.dtype, device=values.device)
-    return cubic_bspline(position.unsqueeze(-1) - centers)
+    floor = position.detach().floor()
+    fraction = position - floor
+    fraction_squared = fraction * fraction
+    fraction_cubed = fraction_squared * fraction
+    complement = 1.0 - fraction
+    weights = torch.stack([
+        complement * complement * complement,
+        3.0 * fraction_cubed - 6.0 * fraction_squared + 4.0,
+        -3.0 * fraction_cubed + 3.0 * fraction_squared + 3.0 * fraction + 1.0,
+        fraction_cubed,
+    ], dim=-1) / 6.0
+    return floor.long() - 1, weights
+
+
+def joint_histogram(
+    fixed_taps: tuple[torch.Tensor, torch.Tensor], moving_taps: tuple[torch.Tensor, torch.Tensor], *, bins: int
+) -> torch.Tensor:
+    """The normalised bins x bins Parzen joint histogram from both images' four-tap windows."""
+    fixed_first, fixed_weights = fixed_taps
+    moving_first, moving_weights = moving_taps
+    offsets = _TAP_OFFSETS.to(fixed_first.device)
+    rows = (fixed_first.unsqueeze(-1) + offsets) * bins
+    columns = moving_first.unsqueeze(-1) + offsets
+    cells = (rows.unsqueeze(-1) + columns.unsqueeze(-2)).reshape(-1)
+    products = (fixed_weights.unsqueeze(-1) * moving_weights.unsqueeze(-2)).reshape(-1)
+    joint = torch.zeros(bins * bins, dtype=products.dtype, device=products.device).index_add(0, cells, products)
+    joint = joint.reshape(bins, bins)
+    return joint / joint.sum()
+
+
+def mutual_information_of_histogram(joint: torch.Tensor) -> torch.Tensor:
+    """Mutual information (nats) of a normalised joint histogram."""
+    fixed_marginal = joint.sum(1, keepdim=True)
+    moving_marginal = joint.sum(0, keepdim=True)
+    tiny = torch.finfo(joint.dtype).tiny
+    ratio = joint / (fixed_marginal * moving_marginal).clamp(min=tiny)
+    return (joint * torch.log(ratio.clamp(min=tiny))).sum()
 
 
 def mutual_information(
@@ -51,42 +102,51 @@ def mutual_information(
     moving_range: tuple[float, float],
 ) -> torch.Tensor:
     """Mattes mutual information (nats) of two equally long intensity vectors."""
-    fixed_weights = parzen_weights(fixed.reshape(-1), low=fixed_range[0], high=fixed_range[1], bins=bins)
-    moving_weights = parzen_weights(
-        moving.reshape(-1), low=moving_range[0], high=moving_range[1], bins=bins
+    joint = joint_histogram(
+        parzen_taps(fixed, low=fixed_range[0], high=fixed_range[1], bins=bins),
+        parzen_taps(moving, low=moving_range[0], high=moving_range[1], bins=bins),
+        bins=bins,
     )
-    joint = fixed_weights.transpose(0, 1) @ moving_weights
-    joint = joint / joint.sum()
-    fixed_marginal = joint.sum(1, keepdim=True)
-    moving_marginal = joint.sum(0, keepdim=True)
-    tiny = torch.finfo(joint.dtype).tiny
-    ratio = joint / (fixed_marginal * moving_marginal).clamp(min=tiny)
-    return (joint * torch.log(ratio.clamp(min=tiny))).sum()
+    return mutual_information_of_histogram(joint)
 
 
-def box_sum(volume: torch.Tensor, *, radius: int) -> torch.Tensor:
-    """Sum over the (2r+1)^D box around every voxel (zero outside), by separable convolutions."""
-    dimensions = volume.dim()
-    batch = volume.reshape(1, 1, *volume.shape)
-    convolution = F.conv3d if dimensions == 3 else F.conv2d
-    for axis in range(dimensions):
-        shape = [1] * dimensions
-        shape[axis] = 2 * radius + 1
-        padding = [0] * dimensions
-        padding[axis] = radius
-        kernel = torch.ones(1, 1, *shape, dtype=volume.dtype, device=volume.device)
-        batch = convolution(batch, kernel, padding=tuple(padding))
-    return batch.reshape(volume.shape)
+def box_sum(volume: torch.Tensor, *, radius: int, dimensions: int | None = None) -> torch.Tensor:
+    """Sum over the (2r+1)^D box around every voxel (zero outside) of the last D axes.
+
+    Separable, as matrix products along each axis (see `filter_axes`); leading axes are batched.
+    """
+    dimensions = volume.dim() if dimensions is None else dimensions
+    ones = [1.0] * (2 * radius + 1)
+    matrices = [
+        axis_filter_matrix(length, ones, edges="zeros", dtype=volume.dtype, device=volume.device)
+        for length in volume.shape[-dimensions:]
+    ]
+    return filter_axes(volume, matrices, dimensions=dimensions)
+
+
+def box_count(shape: tuple[int, ...], *, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """How many voxels of the grid each (2r+1)^D box holds (fewer near the edges)."""
+    count = torch.ones((), dtype=dtype, device=device)
+    for axis, length in enumerate(shape):
+        index = torch.arange(length, device=device)
+        along = ((index + radius).clamp(max=length - 1) - (index - radius).clamp(min=0) + 1).to(dtype)
+        view = [1] * len(shape)
+        view[axis] = length
+        count = count * along.reshape(view)
+    return count
 
 
 def local_cross_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, radius: int = 4) -> torch.Tensor:
     """Mean over voxels of the squared local correlation in a (2r+1)^D box (ANTs' CC metric)."""
-    count = box_sum(torch.ones_like(fixed), radius=radius)
-    sum_fixed = box_sum(fixed, radius=radius)
-    sum_moving = box_sum(moving, radius=radius)
-    cross = box_sum(fixed * moving, radius=radius) - sum_fixed * sum_moving / count
-    fixed_variance = box_sum(fixed * fixed, radius=radius) - sum_fixed**2 / count
-    moving_variance = box_sum(moving * moving, radius=radius) - sum_moving**2 / count
+    dimensions = fixed.dim()
+    count = box_count(tuple(fixed.shape), radius=radius, dtype=fixed.dtype, device=fixed.device)
+    # the five box sums in one batched pass
+    sums = box_sum(torch.stack([fixed, moving, fixed * moving, fixed * fixed, moving * moving]),
+                   radius=radius, dimensions=dimensions)
+    sum_fixed, sum_moving, sum_cross, sum_fixed_squares, sum_moving_squares = sums.unbind(0)
+    cross = sum_cross - sum_fixed * sum_moving / count
+    fixed_variance = sum_fixed_squares - sum_fixed**2 / count
+    moving_variance = sum_moving_squares - sum_moving**2 / count
     # the epsilon keeps flat background (zero variance) from dividing 0 by 0
     epsilon = 1e-5 * count
     correlation = cross * cross / (fixed_variance * moving_variance + epsilon)
@@ -108,6 +168,30 @@ def regular_sample_index(count: int, *, fraction: float, seed: int, device: torc
     return torch.arange(offset, count, stride, device=device)
 
 
+class SampledLoss:
+    """A loss over a fixed subset of the voxels (MI's regular sample), as a callable on volumes.
+
+    `sample_index` lists the flat voxel indices used (None: all of them). A caller that resamples the
+    moving image can resample those voxels only and call `on_samples` with their values; at the
+    paper's 25 % sampling that is a quarter of the interpolation and of the gradient's work.
+    """
+
+    def __init__(self, function: Loss, sample_index: torch.Tensor | None) -> None:
+        self.function = function
+        self.sample_index = sample_index
+
+    def __call__(self, fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
+        """The loss of two whole volumes (the sample is taken here)."""
+        fixed_flat, moving_flat = fixed_values.reshape(-1), moving_values.reshape(-1)
+        if self.sample_index is not None:
+            fixed_flat, moving_flat = fixed_flat[self.sample_index], moving_flat[self.sample_index]
+        return self.function(fixed_flat, moving_flat)
+
+    def on_samples(self, fixed_samples: torch.Tensor, moving_samples: torch.Tensor) -> torch.Tensor:
+        """The loss of the sampled voxels' values, already taken in `sample_index` order."""
+        return self.function(fixed_samples, moving_samples)
+
+
 def build_loss(
     name: str,
     *,
@@ -127,14 +211,11 @@ def build_loss(
         )
 
         def mi_loss(fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
-            fixed_flat, moving_flat = fixed_values.reshape(-1), moving_values.reshape(-1)
-            if index is not None:
-                fixed_flat, moving_flat = fixed_flat[index], moving_flat[index]
             return -mutual_information(
-                fixed_flat, moving_flat, bins=bins, fixed_range=fixed_range, moving_range=moving_range
+                fixed_values, moving_values, bins=bins, fixed_range=fixed_range, moving_range=moving_range
             )
 
-        return mi_loss
+        return SampledLoss(mi_loss, index)
     if name == "cc":
         return lambda fixed_values, moving_values: -local_cross_correlation(
             fixed_values, moving_values, radius=radius

@@ -48,6 +48,7 @@ from dynomp.registration.transforms import (
     homogeneous,
     identity_coordinates,
     invert,
+    map_points,
     resize_field,
     rotation_angles,
     rotation_matrix,
@@ -57,6 +58,8 @@ from dynomp.registration.transforms import (
 )
 
 INVERSION_ITERATIONS = 30
+# voxels: the inversion stops once no estimate moves by more than this (3e-4 mm at 3 mm voxels)
+INVERSION_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -130,7 +133,15 @@ class LinearProblem:
         self.shape = tuple(images.fixed.data.shape)
         self.center = center
         self.loss = loss
-        self.fixed = setting.cast(images.fixed.data)
+        # MI reads a regular sample of the voxels: resample the moving image at those voxels only
+        self.sample_index = getattr(loss, "sample_index", None)
+        points = identity_coordinates(self.shape, dtype=torch.float64, device=parameters.device)
+        fixed_values = images.fixed.data
+        if self.sample_index is not None:
+            points = points.reshape(self.dimensions, -1)[:, self.sample_index]
+            fixed_values = fixed_values.reshape(-1)[self.sample_index]
+        self.points = setting.cast(points)
+        self.fixed = setting.cast(fixed_values)
         self.moving = setting.cast(images.moving.data)
         self.parameters = setting.cast(parameters)
         spacing = float(np.mean(np.linalg.norm(self.fixed_affine[: self.dimensions, : self.dimensions].numpy(), axis=0)))
@@ -154,11 +165,15 @@ class LinearProblem:
     def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The loss and its gradient with respect to the parameter vector."""
         parameters = self.parameters.detach().requires_grad_(True)
-        coordinates = affine_coordinates(
+        coordinates = map_points(
             self.matrix(parameters), fixed_affine=self.fixed_affine,
-            moving_affine=self.moving_affine, shape=self.shape,
+            moving_affine=self.moving_affine, points=self.points,
         )
-        loss = self.loss(self.fixed, sample(self.moving, coordinates))
+        moving_values = sample(self.moving, coordinates)
+        if self.sample_index is not None:
+            loss = self.loss.on_samples(self.fixed, moving_values)
+        else:
+            loss = self.loss(self.fixed, moving_values)
         (gradient,) = torch.autograd.grad(loss, parameters)
         return loss.detach(), [gradient]
 
@@ -171,7 +186,8 @@ class LinearProblem:
         return [self.parameters]
 
     def cast(self, setting: PrecisionSetting) -> None:
-        """Images, parameters and the optimizer's scales to the new format."""
+        """Images, sample points, parameters and the optimizer's scales to the new format."""
+        self.points = setting.cast(self.points)
         self.fixed = setting.cast(self.fixed)
         self.moving = setting.cast(self.moving)
         self.parameters = setting.cast(self.parameters)
@@ -202,7 +218,8 @@ class SymmetricProblem:
 
     def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         direction = smooth(gradient, self.stage.update_sigma, dimensions=self.dimensions)
-        largest = direction.norm(dim=0).max()
+        # sum of squares over the components: norm(dim=0) took 46-120 ms on a 3 x 65 x 77 x 63 field, this 3 ms
+        largest = (direction * direction).sum(0).max().sqrt()
         if not bool(largest > 0):
             return field_
         update = direction * (-self.stage.learning_rate / largest)
@@ -300,8 +317,10 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
     else:
         fixed_field = resize_field(fixed_field.to(torch.float64), shape)
         moving_field = resize_field(moving_field.to(torch.float64), shape)
-        forward_field = compose(moving_field, invert(fixed_field, iterations=INVERSION_ITERATIONS))
-        backward_field = compose(fixed_field, invert(moving_field, iterations=INVERSION_ITERATIONS))
+        fixed_inverse = invert(fixed_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
+        moving_inverse = invert(moving_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
+        forward_field = compose(moving_field, fixed_inverse)
+        backward_field = compose(fixed_field, moving_inverse)
     transform_device = transform.to(device)
     moving_coordinates = affine_coordinates(
         transform_device, fixed_affine=fixed_affine, moving_affine=moving_affine, shape=shape,

@@ -9,12 +9,12 @@ lies, so every later step can work in physical coordinates.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dynomp.registration.transforms import identity_coordinates, sample
 
@@ -27,6 +27,60 @@ def gaussian_kernel(sigma: float, *, dtype: torch.dtype, device: torch.device) -
     return (kernel / kernel.sum()).to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _axis_matrix(length: int, taps: tuple[float, ...], replicate: bool, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    kernel = torch.tensor(taps, dtype=torch.float64)
+    radius = len(taps) // 2
+    rows = torch.arange(length).unsqueeze(1).expand(length, len(taps))
+    columns = rows + torch.arange(-radius, radius + 1)
+    weights = kernel.expand(length, len(taps))
+    if replicate:
+        columns = columns.clamp(0, length - 1)
+    else:
+        inside = (columns >= 0) & (columns < length)
+        rows, columns, weights = rows[inside], columns[inside], weights[inside]
+    matrix = torch.zeros(length, length, dtype=torch.float64)
+    matrix.index_put_((rows.reshape(-1), columns.reshape(-1)), weights.reshape(-1), accumulate=True)
+    return matrix.to(dtype=dtype, device=device)
+
+
+def axis_filter_matrix(length: int, kernel: Sequence[float], *, edges: str, dtype: torch.dtype,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """The length x length matrix of a centred 1-D filter along an axis (edges: replicate or zeros).
+
+    Row i holds the kernel's weights at columns i - r .. i + r; with replicated edges the weights
+    that fall outside are added to the first or last column, which is what padding by replication
+    and then convolving does. The matrix is shared (cached): do not modify it.
+    """
+    if edges not in ("replicate", "zeros"):
+        raise ValueError(f"edges: unknown mode {edges!r} (known: replicate, zeros)")
+    taps = tuple(float(value) for value in kernel)
+    return _axis_matrix(int(length), taps, edges == "replicate", dtype, torch.device(device))
+
+
+def filter_axes(volume: torch.Tensor, matrices: Sequence[torch.Tensor | None], *, dimensions: int) -> torch.Tensor:
+    """Apply one matrix along each of the last `dimensions` axes (None: leave that axis alone).
+
+    A separable filter as matrix products rather than `conv3d`: torch has no fast float64
+    convolution on CPU, and a Gaussian of sigma 1.7 over a 3 x 65 x 77 x 63 field took 730 ms there
+    with `conv3d`, 10 ms as three matrix products (BLAS), with the same result to 1 ulp.
+    """
+    spatial = tuple(volume.shape[-dimensions:])
+    result = volume.reshape(-1, *spatial)
+    for axis, matrix in enumerate(matrices):
+        if matrix is None:
+            continue
+        length = spatial[axis]
+        before = result.shape[0] * math.prod(spatial[:axis])
+        after = math.prod(spatial[axis + 1 :])
+        if after == 1:
+            result = (result.reshape(-1, length) @ matrix.transpose(0, 1)).reshape(-1, *spatial)
+        else:
+            result = (matrix @ result.reshape(before, length, after)).reshape(-1, *spatial)
+    return result.reshape(volume.shape)
+
+
 def smooth(volume: torch.Tensor, sigma: float | Sequence[float], *, dimensions: int) -> torch.Tensor:
     """Separable Gaussian smoothing of the last `dimensions` axes (replicated edges); sigma in voxels.
 
@@ -36,22 +90,14 @@ def smooth(volume: torch.Tensor, sigma: float | Sequence[float], *, dimensions: 
     if all(s <= 0 for s in sigmas):
         return volume
     spatial = volume.shape[-dimensions:]
-    batch = volume.reshape(-1, 1, *spatial)
-    convolution = F.conv3d if dimensions == 3 else F.conv2d
-    for axis, axis_sigma in enumerate(sigmas):
-        if axis_sigma <= 0:
-            continue
-        kernel = gaussian_kernel(axis_sigma, dtype=volume.dtype, device=volume.device)
-        radius = kernel.numel() // 2
-        shape = [1] * dimensions
-        shape[axis] = kernel.numel()
-        padding = [0, 0] * dimensions
-        # F.pad lists the last axis first
-        padding[2 * (dimensions - 1 - axis)] = radius
-        padding[2 * (dimensions - 1 - axis) + 1] = radius
-        batch = F.pad(batch, padding, mode="replicate")
-        batch = convolution(batch, kernel.reshape(1, 1, *shape))
-    return batch.reshape(volume.shape)
+    matrices = [
+        axis_filter_matrix(
+            length, gaussian_kernel(axis_sigma, dtype=torch.float64, device="cpu").tolist(),
+            edges="replicate", dtype=volume.dtype, device=volume.device,
+        ) if axis_sigma > 0 else None
+        for length, axis_sigma in zip(spatial, sigmas, strict=True)
+    ]
+    return filter_axes(volume, matrices, dimensions=dimensions)
 
 
 @dataclass(frozen=True)

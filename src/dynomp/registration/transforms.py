@@ -11,6 +11,8 @@ Resampling is torch's `grid_sample` (trilinear or nearest), so the same code run
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +22,16 @@ import torch.nn.functional as F
 def identity_coordinates(
     shape: Sequence[int], *, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Voxel indices of every voxel of a grid, shape (D, *shape)."""
+    """Voxel indices of every voxel of a grid, shape (D, *shape).
+
+    The grid is built once per shape, dtype and device and shared: every iteration of a level asks
+    for the same one. Do not modify it in place.
+    """
+    return _identity_coordinates(tuple(int(n) for n in shape), dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _identity_coordinates(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     axes = [torch.arange(n, dtype=dtype, device=device) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
@@ -32,19 +43,25 @@ def sample(
     mode: str = "bilinear",
     padding: str = "border",
 ) -> torch.Tensor:
-    """Values of `volume` (*grid, or C x *grid) at voxel `coordinates` (D, *out), interpolated."""
+    """Values of `volume` (*grid, or C x *grid) at voxel `coordinates` (D, *out), interpolated.
+
+    `out` is a grid of D axes or any other shape (e.g. one axis: a list of points).
+    """
     dimensions = coordinates.shape[0]
     spatial = volume.shape[-dimensions:]
     channels = volume.shape[:-dimensions]
-    normalised = []
-    for axis in range(dimensions):
-        extent = spatial[axis] - 1
-        if extent > 0:
-            normalised.append(coordinates[axis] * (2.0 / extent) - 1.0)
-        else:
-            normalised.append(coordinates[axis] * 0.0)
-    # grid_sample orders the last grid component as the fastest (last) array axis
-    grid = torch.stack(normalised[::-1], dim=-1).unsqueeze(0).to(volume.dtype)
+    # grid_sample wants (..., D) in [-1, 1] with the last array axis first: one scaled copy
+    scales = [2.0 / (n - 1) if n > 1 else 0.0 for n in spatial[::-1]]
+    scale = torch.tensor(scales, dtype=volume.dtype, device=coordinates.device)
+    grid = torch.addcmul(
+        torch.tensor(-1.0, dtype=volume.dtype, device=coordinates.device),
+        coordinates.flip(0).movedim(0, -1).to(volume.dtype),
+        scale,
+    )
+    if coordinates.dim() - 1 != dimensions:
+        # a list of points rather than a grid: grid_sample wants D output axes, so add unit ones
+        grid = grid.reshape(-1, *([1] * (dimensions - 1)), dimensions)
+    grid = grid.unsqueeze(0)
     batch = volume.reshape(1, -1, *spatial)
     values = F.grid_sample(batch, grid, mode=mode, padding_mode=padding, align_corners=True)
     return values.reshape(*channels, *coordinates.shape[1:])
@@ -129,20 +146,27 @@ def affine_coordinates(
     `transform` is the homogeneous physical map T (fixed point -> moving point); F and M are the
     two grids' voxel-to-world affines; `displacement` u is an optional field on the fixed grid.
     """
+    coordinates = identity_coordinates(shape, dtype=transform.dtype, device=transform.device)
+    if displacement is not None:
+        coordinates = coordinates + displacement.to(transform.dtype)
+    return map_points(transform, fixed_affine=fixed_affine, moving_affine=moving_affine, points=coordinates)
+
+
+def map_points(
+    transform: torch.Tensor, *, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, points: torch.Tensor
+) -> torch.Tensor:
+    """Moving-grid voxel coordinates M^-1 T F x of fixed-grid voxel coordinates x (D, ...)."""
     dtype = transform.dtype
     device = transform.device
-    dimensions = len(shape)
-    coordinates = identity_coordinates(shape, dtype=dtype, device=device)
-    if displacement is not None:
-        coordinates = coordinates + displacement.to(dtype)
+    dimensions = points.shape[0]
     combined = (
         torch.linalg.inv(moving_affine.to(device=device, dtype=torch.float64)).to(dtype)
         @ transform
         @ fixed_affine.to(device=device, dtype=dtype)
     )
-    flat = coordinates.reshape(dimensions, -1)
-    mapped = combined[:dimensions, :dimensions] @ flat + combined[:dimensions, dimensions, None]
-    return mapped.reshape(dimensions, *shape)
+    flat = points.reshape(dimensions, -1).to(dtype)
+    mapped = torch.addmm(combined[:dimensions, dimensions, None], combined[:dimensions, :dimensions], flat)
+    return mapped.reshape(points.shape)
 
 
 def warp(
@@ -160,15 +184,26 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return inner + warp(outer, inner)
 
 
-def invert(displacement: torch.Tensor, *, iterations: int = 30, initial: torch.Tensor | None = None) -> torch.Tensor:
+def invert(
+    displacement: torch.Tensor,
+    *,
+    iterations: int = 30,
+    initial: torch.Tensor | None = None,
+    tolerance: float = 0.0,
+) -> torch.Tensor:
     """The inverse field v with u(x + v(x)) = -v(x), by fixed-point iteration v <- -u(x + v(x)).
 
     The iteration converges where the map is invertible with a Lipschitz-small displacement, which
-    the smoothed SyN updates keep; `initial` (the previous inverse) speeds it up.
+    the smoothed SyN updates keep; `initial` (the previous inverse) speeds it up. It stops early
+    once no voxel's estimate moves by more than `tolerance` voxels (0: run every iteration).
     """
     inverse = -displacement if initial is None else initial
     for _ in range(iterations):
-        inverse = -warp(displacement, inverse)
+        updated = -warp(displacement, inverse)
+        change = float((updated - inverse).abs().max()) if tolerance > 0 else math.inf
+        inverse = updated
+        if change <= tolerance:
+            break
     return inverse
 
 

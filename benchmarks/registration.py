@@ -1,0 +1,511 @@
+"""Benchmark of the registration engine against ANTs and DIPY on one realistic 3 mm brain pair.
+
+    .venv/bin/python benchmarks/registration.py [--threads 2] [--preset paper] [--seed 0]
+        [--arms ants-fp64 ants-fp32 dipy fp64 fp32 dynomp] [--out results/benchmarks/registration.json]
+
+The pair is built from the MNI152 2009a template that nilearn ships (T1, GM and WM maps at 1 mm):
+resampled to 3 mm, labelled CSF/GM/WM x left/right (six labels, split at the midline x = 0), and
+deformed twice by random smooth diffeomorphisms (scaling and squaring of a smoothed random
+velocity field). The fixed image is one deformed copy; the moving image is another, with a small
+rigid misalignment on top; both get Gaussian noise.
+
+Every arm runs once, on that pair, with the same thread count, in a fresh child process of its
+own (`--run-arm`), so that peak memories do not mix: the child imports what the arm needs, loads
+the pair, records its resident memory, resets the kernel's peak counter (/proc/self/clear_refs),
+registers, and reports the peak (VmHWM) minus that baseline. Wall time covers the registration
+only (not loading, not warping the labels afterwards). Dice is the mean over the six labels of the
+moving labels warped onto the fixed grid (nearest neighbour) against the fixed labels.
+
+Arms: antsRegistration (antspyx) with `--float 0` and `--float 1`, DIPY (MI affine, then
+SymmetricDiffeomorphicRegistration with CCMetric radius 4) and the engine's fp64, fp32 and dynomp
+arms. ANTs and the engine run the same `RegistrationConfig` (the paper's command by default);
+DIPY runs the same pyramid and iteration limits in its own optimisers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+ENGINE_ARMS = ("fp64", "fp32", "dynomp", "bf16")
+PEER_ARMS = ("ants-fp64", "ants-fp32", "dipy")
+DEFAULT_ARMS = ("ants-fp64", "ants-fp32", "dipy", "fp64", "fp32", "dynomp")
+VOXEL_MM = 3.0
+LABEL_NAMES = {1: "CSF-L", 2: "CSF-R", 3: "GM-L", 4: "GM-R", 5: "WM-L", 6: "WM-R"}
+PAIR_FILES = ("fixed", "moving", "fixed_labels", "moving_labels")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pair
+
+
+def template_files() -> dict[str, Path]:
+    """The MNI152 2009a T1, GM and WM files that nilearn ships."""
+    import nilearn.datasets
+
+    folder = Path(nilearn.datasets.__file__).parent / "data"
+    files = {kind: folder / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
+             for kind in ("t1", "gm", "wm")}
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: nilearn's bundled MNI152 2009a file is missing")
+    return files
+
+
+def template_at_3mm() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T1 in [0, 1], six-label map, affine) of the template on a 3 mm grid."""
+    from nilearn.image import resample_img, smooth_img
+
+    files = template_files()
+    target = np.diag([VOXEL_MM, VOXEL_MM, VOXEL_MM, 1.0])
+    source = nib.load(str(files["t1"]))
+    # the 3 mm grid covers the template's field of view, starting at its first voxel centre
+    target[:3, 3] = source.affine[:3, 3]
+    shape = tuple(int(n) // int(VOXEL_MM) for n in source.shape)
+    resampled = {}
+    for kind, path in files.items():
+        # smoothing first (FWHM = the new voxel size) so that the resampling does not alias
+        image = smooth_img(str(path), fwhm=VOXEL_MM)
+        resampled[kind] = resample_img(
+            image, target_affine=target, target_shape=shape, interpolation="continuous",
+            force_resample=True, copy_header=True,
+        ).get_fdata().clip(min=0)
+    t1 = resampled["t1"] / resampled["t1"].max()
+    gm, wm = resampled["gm"] / 255.0, resampled["wm"] / 255.0
+    brain = t1 > 0.05
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    tissue = np.argmax(np.stack([csf, gm, wm]), axis=0)  # 0 CSF, 1 GM, 2 WM
+    x_world = (target[0, 0] * np.arange(shape[0]) + target[0, 3])[:, None, None]
+    right = np.broadcast_to(x_world > 0, shape)
+    labels = np.where(brain, 1 + 2 * tissue + right, 0).astype(np.int16)
+    return t1 * brain, labels, target
+
+
+def random_diffeomorphism(shape: tuple[int, ...], *, rng: np.random.Generator,
+                          largest_mm: float) -> np.ndarray:
+    """A smooth invertible displacement (3, *shape) in voxels: exp of a smoothed random velocity."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    velocity = np.stack([gaussian_filter(rng.normal(size=shape), 4.0) for _ in range(3)])
+    velocity *= (largest_mm / VOXEL_MM) / np.abs(velocity).max()
+    squarings = 6
+    displacement = velocity / 2**squarings
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
+    for _ in range(squarings):
+        displacement = displacement + np.stack([
+            map_coordinates(component, grid + displacement, order=1, mode="nearest")
+            for component in displacement
+        ])
+    return displacement
+
+
+def rigid_voxel_map(shape: tuple[int, ...], *, degrees: tuple[float, float, float],
+                    shift_mm: tuple[float, float, float]) -> np.ndarray:
+    """Voxel coordinates (3, *shape) of a rotation about the grid centre plus a shift."""
+    from scipy.spatial.transform import Rotation
+
+    matrix = Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
+    center = (np.array(shape, dtype=float) - 1) / 2
+    offset = grid.reshape(3, -1) - center[:, None]
+    mapped = matrix @ offset + center[:, None] + np.array(shift_mm)[:, None] / VOXEL_MM
+    return mapped.reshape(3, *shape)
+
+
+def build_pair(*, seed: int) -> dict[str, np.ndarray]:
+    """Fixed and moving images and label maps (and the affine) from the template, seeded."""
+    from scipy.ndimage import map_coordinates
+
+    t1, labels, affine = template_at_3mm()
+    shape = t1.shape
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"))
+    pair: dict[str, np.ndarray] = {"affine": affine}
+    for name, rigid in (("fixed", None), ("moving", ((4.0, -3.0, 5.0), (4.0, -5.0, 3.0)))):
+        displacement = random_diffeomorphism(shape, rng=rng, largest_mm=7.0)
+        if rigid is None:
+            coordinates = grid + displacement
+        else:
+            # the template sampled at rigid(x) + deformation(rigid(x)): a warped, misaligned copy
+            rigid_coordinates = rigid_voxel_map(shape, degrees=rigid[0], shift_mm=rigid[1])
+            warp_at_rigid = np.stack([map_coordinates(component, rigid_coordinates, order=1, mode="nearest")
+                                      for component in displacement])
+            coordinates = rigid_coordinates + warp_at_rigid
+        image = map_coordinates(t1, coordinates, order=3, mode="constant", cval=0.0).clip(min=0)
+        image += rng.normal(scale=0.02, size=shape)
+        pair[name] = image.astype(np.float32)
+        pair[f"{name}_labels"] = map_coordinates(labels, coordinates, order=0, mode="constant",
+                                                 cval=0).astype(np.int16)
+    return pair
+
+
+def write_pair(pair: dict[str, np.ndarray], folder: Path) -> None:
+    """The pair as NIfTI files (what ANTs reads) in `folder`."""
+    from dynomp.atomic import atomic_path
+
+    for name in PAIR_FILES:
+        with atomic_path(folder / f"{name}.nii.gz") as temporary:
+            nib.save(nib.Nifti1Image(pair[name], pair["affine"]), str(temporary))
+
+
+def mean_dice(fixed_labels: np.ndarray, warped_labels: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Mean Dice over the six labels, and each label's Dice."""
+    from dynomp.evaluate.overlap import dice, mean_over_labels
+
+    scores = dice(np.asarray(fixed_labels), np.asarray(warped_labels), labels=list(LABEL_NAMES))
+    return mean_over_labels(scores), {LABEL_NAMES[k]: v for k, v in scores.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# one arm, in its own process
+
+
+def resident_bytes() -> int:
+    """Resident memory of this process now."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_resident_bytes() -> int:
+    """The kernel's peak resident memory of this process (VmHWM) since the last reset."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def reset_peak_resident() -> None:
+    """Reset VmHWM to the current resident size (Linux >= 4.0), so the peak measured is the arm's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+@contextlib.contextmanager
+def captured_stdout(path: Path):
+    """Send file descriptor 1 (where ANTs' C++ code prints) to `path` for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "w") as target:
+        os.dup2(target.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def load_volume(folder: Path, name: str) -> Any:
+    """A pair file as an object with .data (float64 or int) and .affine."""
+    from types import SimpleNamespace
+
+    image = nib.load(str(folder / f"{name}.nii.gz"))
+    return SimpleNamespace(data=np.asarray(image.dataobj), affine=image.affine)
+
+
+def run_engine_arm(arm: str, *, folder: Path, config: Any) -> dict[str, Any]:
+    """One engine arm: register_pair on the pair; time, memory, Dice, final losses, formats."""
+    import torch
+
+    from dynomp.registration.pipeline import register_pair
+
+    fixed, moving = load_volume(folder, "fixed"), load_volume(folder, "moving")
+    fixed_labels, moving_labels = load_volume(folder, "fixed_labels"), load_volume(folder, "moving_labels")
+    torch.set_num_threads(config.threads)
+    baseline = resident_bytes()
+    reset_peak_resident()
+    started = time.perf_counter()
+    result = register_pair(fixed=fixed, moving=moving, config=config, precision=arm)
+    seconds = time.perf_counter() - started
+    peak = peak_resident_bytes()
+    warped = result.warp_moving(moving_labels.data, labels=True)
+    dice_mean, dice_by_label = mean_dice(fixed_labels.data, warped)
+    iterations: dict[str, int] = {}
+    for row in result.trace:
+        key = f"{row['stage']}/{row['level']}"
+        iterations[key] = iterations.get(key, 0) + 1
+    return {
+        "arm": arm, "status": result.status, "seconds": seconds,
+        "peak_bytes_above_baseline": peak - baseline, "baseline_bytes": baseline,
+        "dice": dice_mean, "dice_by_label": dice_by_label, "final_losses": result.final_losses,
+        "iterations": iterations, "seconds_by_format": result.seconds_by_format,
+    }
+
+
+def run_ants_arm(arm: str, *, folder: Path, config: Any) -> dict[str, Any]:
+    """antsRegistration in this process (the same compiled code `dynomp register` runs)."""
+    import ants
+
+    from dynomp.registration.ants_arm import ants_arguments, parse_trace
+
+    with tempfile.TemporaryDirectory(prefix="dynomp-bench-ants-") as work:
+        prefix = str(Path(work) / "out_")
+        arguments = ants_arguments(
+            fixed=str(folder / "fixed.nii.gz"), moving=str(folder / "moving.nii.gz"), prefix=prefix,
+            config=config, single_precision=arm == "ants-fp32",
+        )
+        fixed_labels = ants.image_read(str(folder / "fixed_labels.nii.gz"))
+        moving_labels = ants.image_read(str(folder / "moving_labels.nii.gz"))
+        log_path = Path(work) / "log.txt"
+        baseline = resident_bytes()
+        reset_peak_resident()
+        with captured_stdout(log_path):
+            started = time.perf_counter()
+            ants.registration(arguments, None)
+            seconds = time.perf_counter() - started
+        peak = peak_resident_bytes()
+        transforms = [f"{prefix}0GenericAffine.mat"]
+        if any(stage.name == "syn" for stage in config.stages):
+            transforms.insert(0, f"{prefix}1Warp.nii.gz")
+        warped = ants.apply_transforms(fixed=fixed_labels, moving=moving_labels, transformlist=transforms,
+                                       interpolator="nearestNeighbor")
+        trace = parse_trace(log_path.read_text(), config, fmt="fp32" if arm == "ants-fp32" else "fp64")
+    dice_mean, dice_by_label = mean_dice(fixed_labels.numpy(), np.rint(warped.numpy()).astype(np.int16))
+    final_losses: dict[str, float] = {}
+    iterations: dict[str, int] = {}
+    for row in trace:
+        key = f"{row['stage']}/{row['level']}"
+        final_losses[key] = row["loss"]
+        iterations[key] = iterations.get(key, 0) + 1
+    return {
+        "arm": arm, "status": "completed", "seconds": seconds,
+        "peak_bytes_above_baseline": peak - baseline, "baseline_bytes": baseline,
+        "dice": dice_mean, "dice_by_label": dice_by_label, "final_losses": final_losses,
+        "iterations": iterations,
+    }
+
+
+def run_dipy_arm(*, folder: Path, config: Any) -> dict[str, Any]:
+    """DIPY: centres of mass, rigid and affine with Mattes MI, then SyN with CC radius 4."""
+    from dipy.align.imaffine import AffineRegistration, MutualInformationMetric, transform_centers_of_mass
+    from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
+    from dipy.align.metrics import CCMetric
+    from dipy.align.transforms import AffineTransform3D, RigidTransform3D
+
+    fixed, moving = load_volume(folder, "fixed"), load_volume(folder, "moving")
+    fixed_labels, moving_labels = load_volume(folder, "fixed_labels"), load_volume(folder, "moving_labels")
+    fixed_data = np.asarray(fixed.data, dtype=np.float64)
+    moving_data = np.asarray(moving.data, dtype=np.float64)
+    stages = {stage.name: stage for stage in config.stages}
+    syn = stages.get("syn")
+    baseline = resident_bytes()
+    reset_peak_resident()
+    started = time.perf_counter()
+    start = transform_centers_of_mass(fixed_data, fixed.affine, moving_data, moving.affine)
+    affine = start.affine
+    for kind, transform in (("rigid", RigidTransform3D()), ("affine", AffineTransform3D())):
+        if kind not in stages:
+            continue
+        stage = stages[kind]
+        registration = AffineRegistration(
+            metric=MutualInformationMetric(nbins=stage.metric_bins, sampling_proportion=None),
+            level_iters=list(stage.iterations), sigmas=list(stage.smoothing_sigmas),
+            factors=list(stage.shrink_factors), verbosity=0,
+        )
+        affine = registration.optimize(fixed_data, moving_data, transform, None,
+                                       static_grid2world=fixed.affine, moving_grid2world=moving.affine,
+                                       starting_affine=affine).affine
+    mapping = None
+    if syn is not None:
+        # DIPY's pyramid halves the grid at each level, coarsest first, and its CC needs more than
+        # 2r+1 voxels per axis: keep the finest levels whose grids are that large
+        smallest = min(fixed_data.shape)
+        levels = [iterations for level, iterations in enumerate(syn.iterations[::-1])
+                  if smallest // 2**level > 2 * syn.cc_radius + 1][::-1]
+        mapping = SymmetricDiffeomorphicRegistration(
+            CCMetric(3, radius=syn.cc_radius), level_iters=levels,
+        ).optimize(fixed_data, moving_data, static_grid2world=fixed.affine,
+                   moving_grid2world=moving.affine, prealign=affine)
+    seconds = time.perf_counter() - started
+    peak = peak_resident_bytes()
+    if mapping is None:
+        from dipy.align.imaffine import AffineMap
+
+        mapping = AffineMap(affine, fixed_data.shape, fixed.affine, moving_data.shape, moving.affine)
+    warped = mapping.transform(np.asarray(moving_labels.data, dtype=np.float64), interpolation="nearest")
+    dice_mean, dice_by_label = mean_dice(fixed_labels.data, np.rint(warped).astype(np.int16))
+    return {
+        "arm": "dipy", "status": "completed", "seconds": seconds,
+        "peak_bytes_above_baseline": peak - baseline, "baseline_bytes": baseline,
+        "dice": dice_mean, "dice_by_label": dice_by_label, "final_losses": {}, "iterations": {},
+    }
+
+
+def benchmark_config(preset: str, threads: int) -> Any:
+    """The registration config every arm runs (ANTs and the engine alike)."""
+    import dataclasses
+
+    from dynomp.registration.config import paper_config, quick_config
+
+    base = paper_config() if preset == "paper" else quick_config()
+    return dataclasses.replace(base, threads=threads)
+
+
+def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path) -> None:
+    """Child-process entry: run one arm and write its measurements as JSON."""
+    from dynomp.atomic import write_json_atomic
+
+    config = benchmark_config(preset, threads)
+    if arm in ENGINE_ARMS:
+        result = run_engine_arm(arm, folder=folder, config=config)
+    elif arm in ("ants-fp64", "ants-fp32"):
+        result = run_ants_arm(arm, folder=folder, config=config)
+    elif arm == "dipy":
+        result = run_dipy_arm(folder=folder, config=config)
+    else:
+        raise ValueError(f"--run-arm: unknown arm {arm!r}")
+    write_json_atomic(out, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def relative_loss_differences(candidate: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """|L - L_ref| / |L_ref| per stage x level present in both."""
+    return {key: abs(candidate[key] - reference[key]) / abs(reference[key])
+            for key in reference if key in candidate and reference[key] != 0}
+
+
+def ratio(results: dict[str, dict[str, Any]], numerator: str, denominator: str, key: str) -> float:
+    """results[numerator][key] / results[denominator][key], NaN when either arm is missing."""
+    if numerator not in results or denominator not in results:
+        return math.nan
+    bottom = results[denominator][key]
+    return results[numerator][key] / bottom if bottom else math.nan
+
+
+def markdown_tables(results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The absolute table, the ratio table and the per-level loss table, and the checks as data."""
+    lines = ["| arm | wall s | peak MB above imports | mean Dice | iterations |", "|---|---:|---:|---:|---:|"]
+    for arm, row in results.items():
+        lines.append(
+            f"| {arm} | {row['seconds']:.1f} | {row['peak_bytes_above_baseline'] / 2**20:.1f} | "
+            f"{row['dice']:.4f} | {sum(row['iterations'].values()) or '-'} |"
+        )
+    peers = [results[a]["dice"] for a in ("ants-fp64", "dipy") if a in results]
+    best_peer = max(peers) if peers else math.nan
+    def largest_loss_difference(candidate: str, reference: str) -> float:
+        if candidate not in results or reference not in results:
+            return math.nan
+        differences = relative_loss_differences(results[candidate]["final_losses"],
+                                                results[reference]["final_losses"])
+        return max(differences.values()) if differences else math.nan
+
+    loss_differences = (relative_loss_differences(results["dynomp"]["final_losses"], results["fp64"]["final_losses"])
+                        if "dynomp" in results and "fp64" in results else {})
+    checks = {
+        "fp64 / ants-fp64 wall": (ratio(results, "fp64", "ants-fp64", "seconds"), "<= 0.23"),
+        "dipy / ants-fp64 wall": (ratio(results, "dipy", "ants-fp64", "seconds"), "(peer)"),
+        "fp64 Dice - best peer Dice": (
+            results["fp64"]["dice"] - best_peer if "fp64" in results else math.nan, ">= -0.005"),
+        "dynomp / fp64 wall": (ratio(results, "dynomp", "fp64", "seconds"), "<= 0.6"),
+        "dynomp / fp64 peak memory": (ratio(results, "dynomp", "fp64", "peak_bytes_above_baseline"), "<= 0.6"),
+        "dynomp Dice - fp64 Dice": (
+            results["dynomp"]["dice"] - results["fp64"]["dice"]
+            if "dynomp" in results and "fp64" in results else math.nan, "|.| <= 0.005"),
+        "max relative final-loss difference dynomp vs fp64": (
+            largest_loss_difference("dynomp", "fp64"), "<= 1e-3"),
+        "fp32 / fp64 wall": (ratio(results, "fp32", "fp64", "seconds"), ""),
+        "fp32 / fp64 peak memory": (ratio(results, "fp32", "fp64", "peak_bytes_above_baseline"), ""),
+        "max relative final-loss difference fp32 vs fp64": (largest_loss_difference("fp32", "fp64"), ""),
+        "ants-fp32 / ants-fp64 wall": (ratio(results, "ants-fp32", "ants-fp64", "seconds"), ""),
+        "max relative final-loss difference ants-fp32 vs ants-fp64": (
+            largest_loss_difference("ants-fp32", "ants-fp64"), ""),
+    }
+    lines += ["", "| comparison | value | target |", "|---|---:|---|"]
+    for name, (value, target) in checks.items():
+        lines.append(f"| {name} | {value:.4g} | {target} |")
+    keys = sorted({k for row in results.values() for k in row["final_losses"]},
+                  key=lambda k: (["rigid", "affine", "syn"].index(k.split("/")[0]), int(k.split("/")[1])))
+    loss_arms = [arm for arm, row in results.items() if row["final_losses"]]
+    if keys:
+        lines += ["", "| stage/level | " + " | ".join(f"{a} final loss" for a in loss_arms)
+                  + " | dynomp vs fp64 rel. diff |", "|---|" + "---:|" * (len(loss_arms) + 1)]
+        for key in keys:
+            values = [results[a]["final_losses"].get(key, math.nan) for a in loss_arms]
+            difference = loss_differences.get(key, math.nan)
+            lines.append(f"| {key} | " + " | ".join(f"{v:.6g}" for v in values) + f" | {difference:.2e} |")
+    return "\n".join(lines), {name: {"value": value, "target": target} for name, (value, target) in checks.items()}
+
+
+def main() -> None:
+    """Build the pair, run every arm in its own child process, print and save the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
+                        help=f"arms to run (known: {', '.join(PEER_ARMS + ENGINE_ARMS)})")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", choices=("paper", "quick"), default="paper")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/registration.json"))
+    parser.add_argument("--run-arm", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--arm-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_arm:
+        run_arm(args.run_arm, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out)
+        return
+    for arm in args.arms:
+        if arm not in PEER_ARMS + ENGINE_ARMS:
+            parser.error(f"--arms: unknown arm {arm!r} (known: {', '.join(PEER_ARMS + ENGINE_ARMS)})")
+    from dynomp.atomic import write_json_atomic
+
+    environment = dict(
+        os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+        OPENBLAS_NUM_THREADS=str(args.threads), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(args.threads),
+        # OpenMP threads that sleep rather than spin at barriers: on a machine whose cores other
+        # work shares, spinning made a 2-thread MI evaluation 10x slower than 1 thread (603 ms
+        # against 57 ms); ITK's own thread pool (ANTs) does not read it
+        OMP_WAIT_POLICY="PASSIVE",
+    )
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="dynomp-bench-pair-") as work:
+        folder = Path(work)
+        pair = build_pair(seed=args.seed)
+        write_pair(pair, folder)
+        before, _ = mean_dice(pair["fixed_labels"], pair["moving_labels"])
+        print(f"pair: {pair['fixed'].shape} voxels of {VOXEL_MM:g} mm, mean Dice before registration "
+              f"{before:.4f}", flush=True)
+        for arm in args.arms:
+            arm_out = folder / f"{arm}.json"
+            completed = subprocess.run(
+                [sys.executable, __file__, "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
+                 "--preset", args.preset, "--threads", str(args.threads)],
+                env=environment, capture_output=True, text=True, check=False,
+            )
+            if completed.returncode != 0:
+                tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"{arm}: failed (exit {completed.returncode}): {tail}", flush=True)
+                continue
+            results[arm] = json.loads(arm_out.read_text())
+            row = results[arm]
+            print(f"{arm}: {row['seconds']:.1f} s, {row['peak_bytes_above_baseline'] / 2**20:.1f} MB, "
+                  f"Dice {row['dice']:.4f}", flush=True)
+    table, checks = markdown_tables(results)
+    print()
+    print(table)
+    write_json_atomic(args.out, {
+        "command": " ".join(["benchmarks/registration.py", *sys.argv[1:]]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                    "load_average": os.getloadavg()},
+        "pair": {"shape": list(pair["fixed"].shape), "voxel_mm": VOXEL_MM, "seed": args.seed,
+                 "dice_before": before},
+        "preset": args.preset, "results": results, "checks": checks, "table": table,
+    })
+
+
+if __name__ == "__main__":
+    main()

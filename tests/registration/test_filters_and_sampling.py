@@ -1,0 +1,130 @@
+"""The fast paths of the engine against the plain formulas they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynomp.registration.metrics import (
+    box_count,
+    box_sum,
+    cubic_bspline,
+    joint_histogram,
+    mutual_information,
+    parzen_taps,
+    parzen_weights,
+)
+from dynomp.registration.pyramid import axis_filter_matrix, gaussian_kernel, smooth
+from dynomp.registration.transforms import identity_coordinates, invert, sample
+
+
+def convolve_separably(volume: torch.Tensor, kernels: list[torch.Tensor | None], *, edges: str) -> torch.Tensor:
+    """Reference: pad each axis (replicate or zeros) and convolve with its 1-D kernel."""
+    dimensions = len(kernels)
+    spatial = volume.shape[-dimensions:]
+    batch = volume.reshape(-1, 1, *spatial)
+    convolution = F.conv3d if dimensions == 3 else F.conv2d
+    for axis, kernel in enumerate(kernels):
+        if kernel is None:
+            continue
+        radius = kernel.numel() // 2
+        padding = [0, 0] * dimensions
+        padding[2 * (dimensions - 1 - axis)] = radius
+        padding[2 * (dimensions - 1 - axis) + 1] = radius
+        mode = "replicate" if edges == "replicate" else "constant"
+        batch = F.pad(batch, padding, mode=mode)
+        shape = [1] * dimensions
+        shape[axis] = kernel.numel()
+        batch = convolution(batch, kernel.reshape(1, 1, *shape))
+    return batch.reshape(volume.shape)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(3)
+
+
+def test_smooth_matches_replicate_padded_convolution(generator):
+    field = torch.rand(3, 11, 14, 9, dtype=torch.float64, generator=generator)
+    sigmas = [1.2, 0.0, 2.5]
+    kernels = [gaussian_kernel(s, dtype=torch.float64, device="cpu") if s > 0 else None for s in sigmas]
+    expected = convolve_separably(field, kernels, edges="replicate")
+    assert torch.allclose(smooth(field, sigmas, dimensions=3), expected, atol=1e-13)
+    # a kernel wider than the axis (radius 9 on 9 voxels) still replicates the edge values
+    image = torch.rand(9, 13, dtype=torch.float64, generator=generator)
+    wide = gaussian_kernel(3.0, dtype=torch.float64, device="cpu")
+    assert torch.allclose(smooth(image, 3.0, dimensions=2),
+                          convolve_separably(image, [wide, wide], edges="replicate"), atol=1e-13)
+
+
+def test_box_sum_matches_zero_padded_convolution_and_counts(generator):
+    volume = torch.rand(2, 10, 12, 7, dtype=torch.float64, generator=generator)
+    ones = torch.ones(5, dtype=torch.float64)
+    expected = convolve_separably(volume, [ones, ones, ones], edges="zeros")
+    assert torch.allclose(box_sum(volume, radius=2, dimensions=3), expected, atol=1e-12)
+    count = box_count((10, 12, 7), radius=2, dtype=torch.float64, device=torch.device("cpu"))
+    assert torch.equal(count, box_sum(torch.ones(10, 12, 7, dtype=torch.float64), radius=2))
+    assert float(count[0, 0, 0]) == 27.0 and float(count[5, 5, 3]) == 125.0
+
+
+def test_axis_matrix_rejects_unknown_edges():
+    with pytest.raises(ValueError, match="edges: unknown mode 'wrap'"):
+        axis_filter_matrix(5, [1.0, 1.0, 1.0], edges="wrap", dtype=torch.float64)
+
+
+def test_parzen_taps_are_the_dense_kernel_at_four_bins(generator):
+    values = torch.rand(500, dtype=torch.float64, generator=generator) * 4 - 1
+    # the ends of the range and values exactly on bin centres
+    values[:4] = torch.tensor([-1.0, 3.0, 0.0, 1.0], dtype=torch.float64)
+    bins = 32
+    position = ((values + 1) * ((bins - 5) / 4.0) + 2).clamp(2, bins - 3)
+    dense = cubic_bspline(position.unsqueeze(-1) - torch.arange(bins, dtype=torch.float64))
+    assert torch.allclose(parzen_weights(values, low=-1.0, high=3.0, bins=bins), dense, atol=1e-15)
+    first_bin, weights = parzen_taps(values, low=-1.0, high=3.0, bins=bins)
+    assert int(first_bin.min()) >= 1 and int(first_bin.max()) + 3 <= bins - 1
+    assert torch.allclose(weights.sum(1), torch.ones(500, dtype=torch.float64), atol=1e-15)
+
+
+def test_joint_histogram_is_the_dense_product_and_mi_has_the_analytic_gradient(generator):
+    fixed = torch.rand(300, dtype=torch.float64, generator=generator)
+    moving = fixed**2 + 0.2 * torch.rand(300, dtype=torch.float64, generator=generator)
+    bins = 16
+    joint = joint_histogram(parzen_taps(fixed, low=0.0, high=1.0, bins=bins),
+                            parzen_taps(moving, low=0.0, high=1.2, bins=bins), bins=bins)
+    dense = (parzen_weights(fixed, low=0.0, high=1.0, bins=bins).T
+             @ parzen_weights(moving, low=0.0, high=1.2, bins=bins))
+    assert torch.allclose(joint, dense / dense.sum(), atol=1e-15)
+    moving = moving[:40].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda m: mutual_information(fixed[:40], m, bins=bins, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.2)),
+        (moving,),
+    )
+
+
+def test_sample_at_a_list_of_points_equals_sampling_the_grid(generator):
+    volume = torch.rand(2, 8, 9, 10, dtype=torch.float64, generator=generator)
+    coordinates = torch.rand(3, 4, 5, 6, dtype=torch.float64, generator=generator) * 7
+    on_grid = sample(volume, coordinates)
+    as_points = sample(volume, coordinates.reshape(3, -1))
+    assert as_points.shape == (2, 120)
+    assert torch.allclose(as_points, on_grid.reshape(2, -1), atol=1e-15)
+    # at voxel centres, trilinear sampling returns the voxel values
+    centres = identity_coordinates((8, 9, 10), dtype=torch.float64)
+    assert torch.allclose(sample(volume, centres), volume, atol=1e-12)
+
+
+def test_identity_grid_is_built_once_and_holds_the_indices():
+    first = identity_coordinates((3, 4), dtype=torch.float32)
+    assert first is identity_coordinates([3, 4], dtype=torch.float32)
+    assert first[0, 2, 1] == 2 and first[1, 2, 1] == 1
+
+
+def test_inversion_stops_at_its_tolerance():
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, 16, dtype=torch.float64)] * 3, indexing="ij"))
+    field = 1.2 * torch.sin(torch.pi * grid[[1, 2, 0]])
+    exact = invert(field, iterations=60)
+    close = invert(field, iterations=60, tolerance=1e-6)
+    assert (close - exact).abs().max() < 1e-5
+    # a tolerance larger than any change stops after the first iteration
+    assert torch.equal(invert(field, iterations=60, tolerance=100.0), invert(field, iterations=1))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dynomp.registration.ants_arm import ants_arguments, run_ants
-from dynomp.registration.commands import write_displacement
+from dynomp.registration.run import write_displacement
 from dynomp.registration.config import paper_config, quick_config
 
 from .conftest import SPACING

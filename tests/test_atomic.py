@@ -17,6 +17,13 @@ def test_success_renames_into_place_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["out.nii.gz"]
 
 
+def test_result_has_the_permissions_of_a_plain_file(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    target = write_json_atomic(tmp_path / "metrics.json", {"a": 1})
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_failure_leaves_neither_target_nor_temporary(tmp_path):
     target = tmp_path / "metrics.json"
     with pytest.raises(RuntimeError), atomic_path(target) as temporary:

@@ -27,6 +27,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        # mkstemp creates the file 0600; give the result the permissions a plain open() would
+        if temporary_path.exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary_path, 0o666 & ~umask)
         os.replace(temporary_path, target)
     finally:
         temporary_path.unlink(missing_ok=True)

@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "dynomp.precision.commands",
     "dynomp.registration.commands",
     "dynomp.demo",
+    "dynomp.data.commands",
+    "dynomp.preprocess.commands",
 )
 
 

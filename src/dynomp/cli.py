@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "dynomp.precision.commands",
     "dynomp.registration.commands",
     "dynomp.demo",
+    "dynomp.learning.commands",
     "dynomp.data.commands",
     "dynomp.preprocess.commands",
 )

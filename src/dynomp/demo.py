@@ -24,7 +24,6 @@ The real ANTs arms (``ants-fp64``, ``ants-fp32``) take minutes per subject here;
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path

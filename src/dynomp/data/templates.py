@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -268,6 +269,10 @@ def get_template(
     home: str | os.PathLike, *, template: str = TEMPLATE_NAME, **query
 ) -> Path | list[Path]:
     """templateflow's `get` on the home `home` (no automatic skeleton update; downloads only what is missing)."""
+    if "templateflow" not in sys.modules:
+        # templateflow lays out a skeleton in its default home (~/.cache/templateflow) when it is
+        # first imported; point that default at this home unless the user chose one
+        os.environ.setdefault("TEMPLATEFLOW_HOME", str(Path(home).resolve()))
     from templateflow.client import TemplateFlowClient
 
     home = Path(home)

@@ -109,7 +109,7 @@ def test_cohort_dice_and_time_meet_targets(cohort_extracted, subject):
     sidecar = json.loads((derivatives / f"sub-{subject}_desc-brain_mask.json").read_text())
     assert sidecar["Type"] == "Brain"
     assert sidecar["Sources"] == [f"bids:raw:sub-{subject}/anat/sub-{subject}_T1w.nii.gz"]
-    assert sidecar["FractionalThreshold"] == 0.5
+    assert sidecar["FractionalThreshold"] == 0.7
     assert sidecar["VolumeMillilitres"] == pytest.approx(inside.sum() * 8.0 / 1000.0, abs=1e-3)
 
 

@@ -43,8 +43,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from dynomp import __version__
-from dynomp.atomic import atomic_path, write_json_atomic, write_text_atomic
-from dynomp.data.nifti import write_volume
+from dynomp.atomic import write_json_atomic, write_text_atomic
+from dynomp.data.nifti import write_itk_displacement, write_volume
 from dynomp.data.sources import remove_tree, save_as_dataset
 from dynomp.data.templates import TEMPLATE_NAME, Template, label_table_tsv, template_at_resolution
 
@@ -310,14 +310,7 @@ def bias_field(rng: np.random.Generator, *, grid: Grid, strength: float) -> np.n
 
 def write_displacement_field(path: Path, displacement_ras: np.ndarray, affine: np.ndarray) -> Path:
     """A displacement field (3, *shape) in RAS mm, written as ITK reads it: (X, Y, Z, 1, 3), LPS mm."""
-    lps = np.moveaxis(displacement_ras, 0, -1) * np.array([-1.0, -1.0, 1.0])
-    data = lps.reshape(*lps.shape[:3], 1, 3).astype(np.float32)
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_intent("vector", (), "")
-    image.header.set_xyzt_units("mm", "sec")
-    with atomic_path(path) as temporary:
-        nib.save(image, str(temporary))
-    return path
+    return write_itk_displacement(path, np.moveaxis(displacement_ras, 0, -1), affine, dtype="float32")
 
 
 def write_itk_affine(path: Path, affine_ras: np.ndarray) -> Path:

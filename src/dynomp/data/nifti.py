@@ -99,6 +99,21 @@ def write_volume(
     return Path(path)
 
 
+def write_itk_displacement(
+    path: str | os.PathLike, displacement_ras: np.ndarray, affine: np.ndarray, *, dtype: str = "float32"
+) -> Path:
+    """A displacement field (X, Y, Z, 3) in RAS mm, written as ANTs/ITK read it: (X, Y, Z, 1, 3),
+    vector intent, LPS millimetres."""
+    lps = np.asarray(displacement_ras) * np.array([-1.0, -1.0, 1.0])
+    data = lps.reshape(*lps.shape[:3], 1, 3).astype(dtype)
+    image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    image.header.set_intent("vector", (), "")
+    image.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as temporary:
+        nib.save(image, str(temporary))
+    return Path(path)
+
+
 def check_same_grid(first: Volume, second: Volume, *, first_name: str, second_name: str) -> None:
     """NiftiError (naming the second file) unless both volumes share shape and affine."""
     if first.shape != second.shape:

@@ -13,14 +13,13 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 
 from dynomp import __version__
 from dynomp.atomic import atomic_path, write_json_atomic
-from dynomp.data.nifti import check_same_grid, read_volume
+from dynomp.data.nifti import check_same_grid, read_volume, write_itk_displacement, write_volume
 from dynomp.evaluate.jacobian import folding_percent, jacobian_determinant, sd_log_jacobian
 from dynomp.evaluate.meters import ResourceMeter
 from dynomp.evaluate.overlap import dice, jaccard, mean_over_labels
@@ -43,20 +42,11 @@ def _read_labels(path: Path, image: Any, image_name: str, label_name: str) -> An
 
 def write_displacement(path: Path, displacement_ras: np.ndarray, affine: np.ndarray, dtype: str) -> Path:
     """A displacement field as ANTs/ITK read it: (x, y, z, 1, 3), vector intent, LPS millimetres."""
-    lps = displacement_ras * np.array([-1.0, -1.0, 1.0])
-    data = lps.reshape(*lps.shape[:3], 1, 3).astype(dtype)
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_intent("vector", (), "")
-    image.header.set_xyzt_units("mm", "sec")
-    with atomic_path(path) as temporary:
-        nib.save(image, str(temporary))
-    return path
+    return write_itk_displacement(path, displacement_ras, affine, dtype=dtype)
 
 
 def _write_image(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    with atomic_path(path) as temporary:
-        nib.save(nib.Nifti1Image(data, affine), str(temporary))
-    return path
+    return write_volume(path, data, affine)
 
 
 def _moving_coordinates(forward_ras: np.ndarray, fixed_affine: np.ndarray,

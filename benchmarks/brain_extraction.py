@@ -28,12 +28,8 @@ import numpy as np
 from dynomp.atomic import write_json_atomic
 from dynomp.data.cohort import build_cohort
 from dynomp.data.nifti import read_volume
+from dynomp.evaluate.overlap import mask_dice
 from dynomp.preprocess.brain_extraction import extract_brain
-
-
-def _dice(first: np.ndarray, second: np.ndarray) -> float:
-    first, second = first > 0, second > 0
-    return 2.0 * float((first & second).sum()) / float(first.sum() + second.sum())
 
 
 def _score(
@@ -54,7 +50,7 @@ def _score(
             {
                 "image": name,
                 "fractional_threshold": threshold,
-                "dice": _dice(result.mask, reference.data),
+                "dice": mask_dice(result.mask, reference.data),
                 "volume_ml": result.volume_ml,
                 "reference_volume_ml": float((reference.data > 0).sum()) * voxel_ml,
                 "seconds": result.seconds,

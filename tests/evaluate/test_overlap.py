@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dynomp.evaluate.overlap import dice, jaccard, mean_over_labels
+from dynomp.evaluate.overlap import dice, jaccard, mask_dice, mean_over_labels
 
 
 def test_known_overlaps():
@@ -32,3 +32,11 @@ def test_bad_input():
         dice(np.zeros((3, 3)), np.zeros((3, 4)))
     with pytest.raises(ValueError, match="empty"):
         dice(np.zeros((3, 3)), np.zeros((3, 3)))
+
+
+def test_mask_dice_treats_any_non_zero_value_as_inside():
+    first = np.zeros((10, 10), dtype=np.float32)
+    second = np.zeros((10, 10), dtype=np.uint8)
+    first[:5] = 0.7  # 50 voxels
+    second[2:7] = 3  # 50 voxels, 30 shared
+    assert mask_dice(first, second) == pytest.approx(0.6)

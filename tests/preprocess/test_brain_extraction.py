@@ -12,7 +12,7 @@ import trimesh
 
 from dynomp.cli import main
 from dynomp.data.nifti import Volume, read_volume, write_volume
-from dynomp.evaluate.overlap import dice
+from dynomp.evaluate.overlap import dice, mask_dice
 from dynomp.preprocess.brain_extraction import (
     derivative_paths,
     extract_brain,
@@ -24,11 +24,6 @@ from tests.preprocess.phantom import ellipsoid_head
 COHORT_SUBJECTS = ("01", "02")
 DICE_TARGET = 0.95
 SECONDS_TARGET = 60.0
-
-
-def _dice(first: np.ndarray, second: np.ndarray) -> float:
-    first, second = first > 0, second > 0
-    return 2.0 * float((first & second).sum()) / float(first.sum() + second.sum())
 
 
 # --- surface_to_mask ------------------------------------------------------------------------------
@@ -97,7 +92,7 @@ def test_cohort_dice_and_time_meet_targets(cohort_extracted, subject):
     t1 = read_volume(root / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz")
     assert mask.shape == t1.shape and np.allclose(mask.affine, t1.affine)
     score = dice((mask.data > 0).astype(np.int32), (truth.data > 0).astype(np.int32))[1]
-    assert score == pytest.approx(_dice(mask.data, truth.data))
+    assert score == pytest.approx(mask_dice(mask.data, truth.data))
     assert score >= DICE_TARGET
     # the brain image is the T1w inside the mask and zero outside
     brain = read_volume(derivatives / f"sub-{subject}_desc-brain_T1w.nii.gz")
@@ -140,7 +135,7 @@ def test_anisotropic_head_gives_mask_on_the_input_grid():
     result = extract_brain(Volume(image, affine), iterations=300)
     assert result.mask.shape == image.shape and result.mask.dtype == np.uint8
     assert result.parameters["SurfaceSpacingMillimetres"] == 3.0
-    assert _dice(result.mask, truth) >= 0.95
+    assert mask_dice(result.mask, truth) >= 0.95
     assert result.volume_ml == pytest.approx(result.mask.sum() * 3.0 * 3.0 * 4.5 / 1000.0)
 
 
@@ -165,7 +160,7 @@ def test_brain_extract_command_writes_mask_brain_and_sidecars(tmp_path, capsys):
     assert f"{mask}: brain " in capsys.readouterr().out
     written = nib.load(mask)
     assert written.get_data_dtype() == np.uint8 and np.allclose(written.affine, affine)
-    assert _dice(np.asarray(written.dataobj), truth) >= 0.95
+    assert mask_dice(np.asarray(written.dataobj), truth) >= 0.95
     assert json.loads((tmp_path / "out" / "brain.json").read_text())["SkullStripped"] is True
     assert json.loads((tmp_path / "out" / "mask.json").read_text())["Iterations"] == 300
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
@@ -312,5 +307,5 @@ def test_dataset_command_extracts_only_the_requested_subjects(tmp_path, capsys):
         root / "derivatives" / "dynomp" / "sub-02" / "anat" / "sub-02_desc-brain_mask.nii.gz",
         labels=True,
     )
-    assert _dice(mask.data, truth[::-1]) >= 0.95
+    assert mask_dice(mask.data, truth[::-1]) >= 0.95
     assert not (root / "derivatives" / "dynomp" / "sub-01").exists()

@@ -31,6 +31,12 @@ def dice(
     return result
 
 
+def mask_dice(first: np.ndarray, second: np.ndarray) -> float:
+    """Dice of two binary masks (non-zero is inside), e.g. a brain mask against the true one."""
+    return dice((np.asarray(first) != 0).astype(np.int8), (np.asarray(second) != 0).astype(np.int8),
+                labels=[1])[1]
+
+
 def jaccard(
     fixed: np.ndarray, moving: np.ndarray, labels: Iterable[int] | None = None
 ) -> dict[int, float]:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -189,3 +190,45 @@ def test_template_command_rejects_a_file_as_home(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"dynomp template: error: --home: {home} exists and is not a directory"
     )
+
+
+def test_template_command_exports_the_brain_and_labels_at_any_resolution(tmp_path, capsys):
+    home = tmp_path / "home"
+    brain, labels = tmp_path / "brain.nii.gz", tmp_path / "dseg.nii.gz"
+    code = main(["template", "--home", str(home), "--resolution", "4", "--brain", str(brain),
+                 "--labels", str(labels)])
+    assert code == 0
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert printed["brain"] == str(brain) and printed["dseg"] == str(labels)
+    assert printed["T1w"].endswith("tpl-MNI152NLin2009aSym_res-04_desc-brain_T1w.nii.gz")
+    source = nib.load(printed["T1w"])
+    written = nib.load(brain)
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert np.allclose(np.asarray(written.dataobj), np.asarray(source.dataobj))
+    written_labels = np.asarray(nib.load(labels).dataobj)
+    assert written_labels.shape == source.shape and set(np.unique(written_labels)) >= {0, 1, 2, 3}
+    # res-01 and res-02 are built as well, as TemplateFlow has them
+    assert {p.name.split("_")[1] for p in (home / "tpl-MNI152NLin2009aSym").glob("*_T1w.nii.gz")} \
+        == {"res-01", "res-02", "res-04"}
+
+
+def test_template_command_masks_a_whole_head_template(tmp_path):
+    from dynomp.data.commands import export_template_brain
+
+    head = np.arange(27, dtype=float).reshape(3, 3, 3) + 1
+    mask = np.zeros((3, 3, 3), dtype=np.uint8)
+    mask[1] = 1
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    files = {"T1w": tmp_path / "tpl-X_res-01_T1w.nii.gz", "mask": tmp_path / "m.nii.gz"}
+    nib.save(nib.Nifti1Image(head, affine), files["T1w"])
+    nib.save(nib.Nifti1Image(mask, affine), files["mask"])
+    out = export_template_brain(files, out=tmp_path / "brain.nii.gz")
+    data = np.asarray(nib.load(out).dataobj)
+    assert np.array_equal(data[1], head[1]) and not data[0].any() and not data[2].any()
+
+
+def test_template_labels_only_for_the_embedded_template(tmp_path, capsys):
+    code = main(["template", "--home", str(tmp_path), "--template", "MNI152NLin2009cAsym",
+                 "--labels", str(tmp_path / "l.nii.gz")])
+    assert code == 2
+    assert "--labels: MNI152NLin2009cAsym has no label map here" in capsys.readouterr().err

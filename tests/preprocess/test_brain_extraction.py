@@ -309,3 +309,23 @@ def test_dataset_command_extracts_only_the_requested_subjects(tmp_path, capsys):
     )
     assert mask_dice(mask.data, truth[::-1]) >= 0.95
     assert not (root / "derivatives" / "dynomp" / "sub-01").exists()
+
+
+def test_brain_extract_finds_a_subjects_t1w_in_a_bids_dataset(tmp_path, capsys):
+    image, truth, affine = ellipsoid_head(spacing=(4.0, 4.0, 4.0), seed=2)
+    anat = tmp_path / "bids" / "sub-07" / "ses-1" / "anat"
+    write_volume(anat / "sub-07_ses-1_T1w.nii.gz", image, affine)
+    mask, brain = tmp_path / "out" / "mask.nii.gz", tmp_path / "out" / "brain.nii.gz"
+    arguments = ["brain-extract", "--bids", str(tmp_path / "bids"), "--mask", str(mask),
+                 "--brain", str(brain), "--iterations", "300"]
+    assert main([*arguments, "--subject", "sub-07"]) == 0
+    assert mask_dice(np.asarray(nib.load(mask).dataobj), truth) >= 0.95
+    assert np.allclose(nib.load(brain).affine, affine)
+    capsys.readouterr()
+    assert main([*arguments, "--subject", "08"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--subjects: sub-08 is not in the dataset "
+                                                    f"{tmp_path / 'bids'}")
+    assert main(arguments) == 2
+    assert capsys.readouterr().err.strip().endswith("--subject: required with --bids")
+    assert main([*arguments[:1], str(tmp_path / "x.nii.gz"), *arguments[1:], "--subject", "07"]) == 2
+    assert capsys.readouterr().err.strip().endswith("give either T1 or --bids with --subject")

@@ -40,7 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     single = subparsers.add_parser(
         "brain-extract", help="extract the brain from one whole-head T1w image"
     )
-    single.add_argument("t1", type=Path, metavar="T1", help="whole-head T1-weighted image (NIfTI)")
+    single.add_argument(
+        "t1", type=Path, nargs="?", metavar="T1", help="whole-head T1-weighted image (NIfTI)"
+    )
+    single.add_argument(
+        "--bids", type=Path, metavar="DIR",
+        help="instead of T1: a BIDS dataset, with --subject (its first T1w image is used)",
+    )
+    single.add_argument("--subject", metavar="LABEL", help="subject label in --bids")
     single.add_argument("--mask", required=True, type=Path, help="output brain mask (NIfTI, uint8)")
     single.add_argument(
         "--brain", required=True, type=Path, help="output skull-stripped image (NIfTI)"
@@ -72,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_brain_extract(args: argparse.Namespace) -> int:
     """Extract one brain and print the mask's volume and the time taken."""
     result = extract_brain_file(
-        args.t1,
+        _t1_image(args),
         mask=args.mask,
         brain=args.brain,
         method=args.method,
@@ -81,6 +88,19 @@ def run_brain_extract(args: argparse.Namespace) -> int:
     )
     print(f"{args.mask}: brain {result.volume_ml:.1f} ml ({result.method}, {result.seconds:.1f} s)")
     return 0
+
+
+def _t1_image(args: argparse.Namespace) -> Path:
+    """The T1 positional argument, or the first T1w image of --subject in --bids."""
+    from dynomp.data.sources import t1w_files
+
+    if (args.t1 is None) == (args.bids is None):
+        raise ValueError("brain-extract: give either T1 or --bids with --subject")
+    if args.t1 is not None:
+        return args.t1
+    if not args.subject:
+        raise ValueError("--subject: required with --bids")
+    return args.bids / t1w_files(args.bids, subjects=[args.subject])[0]
 
 
 def run_brain_extract_dataset(args: argparse.Namespace) -> int:

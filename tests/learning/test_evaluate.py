@@ -11,7 +11,7 @@ from dynomp.cli import main
 from dynomp.evaluate.overlap import dice
 from dynomp.learning.config import load_config
 from dynomp.learning.data import load_subjects
-from dynomp.learning.evaluate import evaluate_model
+from dynomp.learning.evaluate import TABLE_COLUMNS, evaluate_model
 from dynomp.learning.train import train
 
 
@@ -57,11 +57,13 @@ def test_evaluate_model_table(cohort_2d: Path, tmp_path: Path) -> None:
         evaluate_model(run=tmp_path / "run", data=cohort_2d, out=tmp_path / "table.csv")
 
 
-def test_evaluate_model_refuses_diverged_and_missing_runs(cohort_2d: Path, tmp_path: Path) -> None:
+def test_evaluate_model_writes_an_empty_table_for_a_diverged_run_and_refuses_a_missing_one(cohort_2d: Path, tmp_path: Path) -> None:
     config = load_config(arm="fp32", dim=2, steps=3, nb_features=(4, 4, 4), learning_rate=1e30)
     train(config, data=cohort_2d, out=tmp_path / "run", progress=False)
-    with pytest.raises(ValueError, match="did not complete \\(diverged at step 2\\)"):
-        evaluate_model(run=tmp_path / "run", data=cohort_2d, out=tmp_path / "t.tsv")
+    table = evaluate_model(run=tmp_path / "run", data=cohort_2d, out=tmp_path / "t.tsv")
+    assert len(table) == 0 and list(table.columns) == list(TABLE_COLUMNS)
+    written = pd.read_csv(tmp_path / "t.tsv", sep="\t")
+    assert len(written) == 0 and list(written.columns) == list(TABLE_COLUMNS)
     with pytest.raises(FileNotFoundError, match="status.json: not found"):
         evaluate_model(run=tmp_path / "nothing", data=cohort_2d, out=tmp_path / "t.tsv")
 

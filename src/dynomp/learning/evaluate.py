@@ -41,7 +41,10 @@ def write_table(table: pd.DataFrame, path: str | Path) -> Path:
 
 
 def evaluate_model(*, run: str | Path, data: str | Path, out: str | Path) -> pd.DataFrame:
-    """Dice per label, % det J <= 0, SDlogJ, inference seconds and peak memory per held-out pair."""
+    """Dice per label, % det J <= 0, SDlogJ, inference seconds and peak memory per held-out pair.
+
+    A run that did not complete (diverged, interrupted) gets an empty table with the same columns.
+    """
     run, out = Path(run), Path(out)
     if out.suffix not in TABLE_SUFFIXES:
         raise ValueError(f"{out}: unknown table format (use {' or '.join(TABLE_SUFFIXES)})")
@@ -50,9 +53,10 @@ def evaluate_model(*, run: str | Path, data: str | Path, out: str | Path) -> pd.
         raise FileNotFoundError(f"{status_path}: not found (is {run} a `dynomp train` run?)")
     status = json.loads(status_path.read_text())
     if status["status"] != "completed":
-        raise ValueError(
-            f"{run}: the run did not complete ({status['status']}), nothing to evaluate"
-        )
+        # a diverged arm is a result: an empty table lets the study go on and report the status
+        table = pd.DataFrame(columns=list(TABLE_COLUMNS)).astype({"label": "Int64"})
+        write_table(table, out)
+        return table
     config = load_config(None, **status["config"])
     if config.task != "registration":
         raise ValueError(

@@ -18,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--fixed-labels", type=Path, help="label map on the fixed image's grid")
     parser.add_argument("--moving-labels", type=Path, help="label map on the moving image's grid")
-    parser.add_argument("--config", type=Path, help="YAML config (default: the paper's parameters)")
+    parser.add_argument(
+        "--config", type=Path,
+        help="YAML config, or a preset: paper (the default, the paper's parameters) or quick",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.set_defaults(handler=run_register)

@@ -247,9 +247,11 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Registr
 
 
 def load_config(path: str | Path | None) -> RegistrationConfig:
-    """Read a YAML config (None: the paper's defaults); errors name the file."""
+    """Read a YAML config (None: the paper's defaults; "paper" or "quick": a preset); errors name the file."""
     if path is None:
         return paper_config()
+    if str(path) in PRESETS and not Path(path).is_file():
+        return paper_config() if str(path) == "paper" else quick_config()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")

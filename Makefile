@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.dynomp-installed
 PYTEST_ARGS ?=
+CORES ?= 2
+REPORT ?= results/default/report.html
 
 .PHONY: install demo test bench clean-venv
 
@@ -20,8 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# The default study (configs/default.yaml) through the Snakemake workflow, then its HTML report.
 demo: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dynomp demo --out results/demo
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/snakemake --cores $(CORES) --configfile configs/default.yaml
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/snakemake --cores $(CORES) --configfile configs/default.yaml --report $(REPORT)
+	@echo "report: $(abspath $(REPORT))"
 
 test: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

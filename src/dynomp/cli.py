@@ -20,6 +20,9 @@ COMMAND_MODULES = (
     "dynomp.learning.commands",
     "dynomp.data.commands",
     "dynomp.preprocess.commands",
+    "dynomp.report.commands",
+    "dynomp.sweep",
+    "dynomp.workflow",
 )
 
 

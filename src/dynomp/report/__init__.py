@@ -1,0 +1,1 @@
+"""Tidy tables, statistics and figures of a study's results."""

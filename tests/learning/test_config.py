@@ -34,6 +34,8 @@ def test_defaults_are_the_papers() -> None:
         ({"arm": "fp32", "steps": 0}, "steps: must be an integer >= 1"),
         ({"arm": "fp32", "held_out_fraction": 1.0}, "held_out_fraction: must be in"),
         ({"arm": "fp32", "batch_size": 0}, "batch_size: must be an integer >= 1"),
+        ({"arm": "fp32", "learning_rate": "fast"}, "learning_rate: must be a number, got 'fast'"),
+        ({"arm": "fp32", "regularisation_weight": [0.1]}, "regularisation_weight: must be a number"),
     ],
 )
 def test_bad_settings(overrides: dict, message: str) -> None:
@@ -52,3 +54,11 @@ def test_yaml_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "typo.yaml", arm="fp32")
     with pytest.raises(ValueError, match="arm: unknown arm 'bf8'"):
         Strategy("bf8", load_config(arm="fp32"))
+
+
+def test_a_yaml_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads 1e-3 as the string "1e-3"; the config takes it as the number
+    (tmp_path / "lr.yaml").write_text("learning_rate: 1e-3\nregularisation_weight: 2e-2\n")
+    config = load_config(tmp_path / "lr.yaml", arm="fp32")
+    assert config.learning_rate == 1e-3 and isinstance(config.learning_rate, float)
+    assert config.regularisation_weight == 0.02

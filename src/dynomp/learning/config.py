@@ -26,6 +26,12 @@ LAYOUTS = ("auto", "bids", "oasis")
 RESUMABLE_KEYS = ("steps", "checkpoint_every")
 
 
+NUMBER_FIELDS = (
+    "learning_rate", "regularisation_weight", "clip_gradient_norm", "held_out_fraction",
+    "initial_loss_scale",
+)
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Everything that defines one learning arm; `config_hash` identifies it in checkpoints."""
@@ -59,6 +65,20 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         from dynomp.learning.strategies import STRATEGIES
+
+        for name in NUMBER_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"{name}: must be a number, got {value!r}") from None
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name}: must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
         if self.task not in TASKS:
             raise ValueError(f"task: unknown task {self.task!r} (known: {', '.join(TASKS)})")

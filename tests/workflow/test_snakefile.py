@@ -162,3 +162,29 @@ def test_the_report_holds_the_figures_and_statistics(tiny_study) -> None:
 def test_shipped_configs_are_valid_yaml_with_a_study_name() -> None:
     for path in sorted((REPOSITORY / "configs").glob("*.yaml")):
         assert yaml.safe_load(path.read_text())["study"] == path.stem
+
+
+def test_a_failing_job_leaves_no_partial_output(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-registration.yaml"
+    broken.write_text("preset: quick\nstages: [{name: rigid, iterations: [2], shrink_factors: [8],"
+                      " smoothing_sigmas: [1], metric: nmi}]\n")  # no such metric: the job fails
+    config = tiny_config(
+        tmp_path,
+        data={"source": "embedded", "subjects": 1, "resolution": 6.0, "also": [],
+              "labels": None},
+        brain_extraction={"iterations": 100},
+        registration={"arms": ["fp64"], "config": str(broken)},
+        learning={"arms": []},
+    )
+    result = snakemake("--cores", "1", "--configfile", str(write_config(tmp_path / "s.yaml", config)),
+                       cwd=tmp_path)
+    assert result.returncode != 0
+    study = tmp_path / "results" / "tiny"
+    log = (study / "logs" / "registration" / "sub-01_fp64.log").read_text()
+    assert log.strip().splitlines()[-1].startswith("dynomp register: error: ")
+    assert "metric" in log.strip().splitlines()[-1]
+    # the brain extraction before it is complete; the failed run's folder is gone entirely
+    assert (study / "derivatives" / "dynomp" / "sub-01" / "anat" /
+            "sub-01_desc-brain_T1w.nii.gz").is_file()
+    assert not (study / "registration" / "sub-01" / "fp64").exists()
+    assert not (study / "tables").exists()

@@ -79,3 +79,14 @@ def test_metrics_peak_at_alignment():
     assert same > 1.0 > 0.1 > other
     assert local_cross_correlation(image, 2 * image + 1, radius=2) > 0.99
     assert local_cross_correlation(image, shifted, radius=2) < 0.1
+
+
+def test_a_nan_intensity_makes_mutual_information_nan_not_an_index_error():
+    fixed = torch.linspace(0.0, 1.0, 100, dtype=torch.float64)
+    moving = fixed.flip(0).clone()
+    moving[17] = float("nan")  # what a diverging fp16 run produces
+    value = mutual_information(fixed, moving, bins=32, fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0))
+    assert torch.isnan(value)
+    finite = mutual_information(fixed, fixed.flip(0), bins=32, fixed_range=(0.0, 1.0),
+                                moving_range=(0.0, 1.0))
+    assert torch.isfinite(finite) and finite > 0

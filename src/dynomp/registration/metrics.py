@@ -54,7 +54,9 @@ def parzen_taps(values: torch.Tensor, *, low: float, high: float, bins: int) -> 
     usable = bins - 1 - 2 * _PADDING_BINS
     position = (values.reshape(-1) - low) * (usable / span) + _PADDING_BINS
     position = position.clamp(_PADDING_BINS, bins - 1 - _PADDING_BINS)
-    floor = position.detach().floor()
+    # a NaN value (a diverging low-precision run) gets a valid bin and NaN weights, so the metric
+    # turns NaN and the run ends as "diverged" instead of indexing out of range
+    floor = torch.nan_to_num(position.detach(), nan=float(_PADDING_BINS)).floor()
     fraction = position - floor
     fraction_squared = fraction * fraction
     fraction_cubed = fraction_squared * fraction

@@ -41,7 +41,9 @@ def test_the_tiny_study_runs_with_the_slurm_executor(local_slurm, tmp_path: Path
                for arm in config["learning"]["arms"])]
     # the profile asks for cluster-sized memory; this node has a few GB, so ask for less
     small = [f"{rule}:mem_mb=1500" for rule in rules] + [f"{rule}:runtime=30" for rule in rules]
+    # the executor waits 40 s before its first status check by default; these jobs take seconds
     result = snakemake("--profile", "slurm", "--configfile", str(config_path),
+                       "--slurm-init-seconds-before-status-checks", "3",
                        "--set-resources", *small, cwd=tmp_path, env=environment)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 

@@ -47,7 +47,7 @@ rule stats:
         rules.tables.output,
     output:
         [
-            report(f"{ROOT}/stats/{name}.tsv", caption=CAPTIONS / f"{name}.rst", category="Statistics")
+            report(f"{ROOT}/stats/{name}.tsv", caption=CAPTIONS / f"{name}.rst", category="Statistical tests")
             for name in STATISTICS
         ],
         [f"{ROOT}/stats/{name}.parquet" for name in STATISTICS],

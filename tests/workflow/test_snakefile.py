@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -188,3 +190,22 @@ def test_a_failing_job_leaves_no_partial_output(tmp_path: Path) -> None:
             "sub-01_desc-brain_T1w.nii.gz").is_file()
     assert not (study / "registration" / "sub-01" / "fp64").exists()
     assert not (study / "tables").exists()
+
+
+def test_the_profiles_dry_run_without_a_cluster(tmp_path: Path) -> None:
+    results = f"results={tmp_path / 'results'}"
+    local = snakemake("-n", "--profile", str(REPOSITORY / "workflow" / "profiles" / "local"),
+                      "--config", results)
+    assert local.returncode == 0, local.stderr
+    assert job_counts(local.stdout)["total"] == 44
+    environment = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "config"))
+    installed = subprocess.run(
+        [str(Path(sys.executable).parent / "dynomp"), "profile", "install", "slurm", "--account",
+         "lab", "--partition", "short", "--no-apptainer"],
+        env=environment, capture_output=True, text=True, check=False,
+    )
+    assert installed.returncode == 0, installed.stderr
+    slurm = snakemake("-n", "--profile", "slurm", "--config", results, env=environment)
+    assert slurm.returncode == 0, slurm.stderr
+    assert "Using profile slurm" in slurm.stdout + slurm.stderr
+    assert job_counts(slurm.stdout)["total"] == 44

@@ -232,3 +232,23 @@ def test_observe_rejects_mismatched_shapes_and_integer_tensors():
     controller.observe([torch.ones(3)], [torch.ones(3)])
     with pytest.raises(ValueError, match="^parameters: changed shape"):
         controller.observe([torch.ones(4)], [torch.ones(4)])
+
+
+def test_observe_max_abs_keeps_formats_whose_range_is_too_small_out():
+    parameters = [torch.tensor([1.0, 2.0, 3.0])]
+    controller = PrecisionController(["bf16", "fp16", "fp32"], window=1, execution="virtual",
+                                     initial_format="fp32")
+    controller.observe(parameters, [torch.tensor([1.0, 1.0, 1.0])])
+    # p_min of this step is tiny, so fp16's 11 bits would do; a 1e6 intermediate rules fp16 out
+    moved = [parameters[0] - 0.1]
+    gradient = [torch.tensor([0.9, 0.9, 0.9])]
+    assert controller.observe(moved, gradient, max_abs=10.0) in ("bf16", "fp16")
+    ruled_out = PrecisionController(["fp16", "fp32"], window=1, execution="virtual",
+                                    initial_format="fp32")
+    ruled_out.observe(parameters, [torch.tensor([1.0, 1.0, 1.0])])
+    assert ruled_out.observe(moved, gradient, max_abs=1e6) == "fp32"
+    assert ruled_out.trace[-1]["max_abs"] == 1e6
+    allowed = PrecisionController(["fp16", "fp32"], window=1, execution="virtual",
+                                  initial_format="fp32")
+    allowed.observe(parameters, [torch.tensor([1.0, 1.0, 1.0])])
+    assert allowed.observe(moved, gradient, max_abs=100.0) == "fp16"

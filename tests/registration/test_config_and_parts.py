@@ -90,3 +90,25 @@ def test_a_nan_intensity_makes_mutual_information_nan_not_an_index_error():
     finite = mutual_information(fixed, fixed.flip(0), bins=32, fixed_range=(0.0, 1.0),
                                 moving_range=(0.0, 1.0))
     assert torch.isfinite(finite) and finite > 0
+
+
+def test_local_cc_stays_a_squared_correlation_when_sums_cancel_in_bf16():
+    generator = torch.Generator().manual_seed(0)
+    # intensities 30-40: sum of squares minus squared sum cancels in bf16's 8 significand bits,
+    # and the variances that result (negative or tiny) once sent the mean to 1.3e8
+    fixed = (30.0 + 10.0 * torch.rand(12, 12, 12, generator=generator)).to(torch.bfloat16)
+    moving = (30.0 + 10.0 * torch.rand(12, 12, 12, generator=generator)).to(torch.bfloat16)
+    value = float(local_cross_correlation(fixed, moving, radius=2))
+    assert 0.0 <= value <= 1.0
+    exact = float(local_cross_correlation(fixed.double(), moving.double(), radius=2))
+    assert 0.0 <= exact < 0.05  # independent noise: little local correlation
+
+
+def test_largest_intermediate_bounds_what_each_metric_computes():
+    from dynomp.registration.metrics import largest_intermediate
+
+    fixed = torch.full((4, 4, 4), 3.0)
+    moving = torch.full((4, 4, 4), -5.0)
+    assert largest_intermediate("cc", fixed=fixed, moving=moving, radius=4, samples=10) == 729 * 25
+    assert largest_intermediate("mi", fixed=fixed, moving=moving, radius=4, samples=70000) == 70000
+    assert largest_intermediate("mse", fixed=fixed, moving=moving, radius=4, samples=10) == 100

@@ -162,8 +162,14 @@ class PrecisionController:
         self,
         parameters: torch.Tensor | Sequence[torch.Tensor],
         gradients: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        max_abs: float | None = None,
     ) -> str:
-        """Record one step (its parameters and gradients) and return the format for the next step."""
+        """Record one step (its parameters and gradients) and return the format for the next step.
+
+        `max_abs`: the largest magnitude the step computes besides its state (a metric's sums, say),
+        which the chosen format's range must hold as well as the parameters' and gradients'.
+        """
         theta = as_tensor_list(parameters, "parameters")
         grad = as_tensor_list(gradients, "gradients")
         check_same_shapes(theta, grad, "parameters", "gradients")
@@ -194,6 +200,8 @@ class PrecisionController:
         largest = stats["max_abs"] if self.check_range else None
         if largest is not None and math.isnan(largest):
             largest = None  # a NaN state (a diverging run) says nothing about the range it needs
+        if self.check_range and max_abs is not None and math.isfinite(max_abs):
+            largest = max(largest or 0.0, float(max_abs))
         if smoothed is None:
             chosen = self.trace[-1]["chosen_format"] if self.trace else self.initial_format
         else:

@@ -147,12 +147,31 @@ def local_cross_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, radius
                    radius=radius, dimensions=dimensions)
     sum_fixed, sum_moving, sum_cross, sum_fixed_squares, sum_moving_squares = sums.unbind(0)
     cross = sum_cross - sum_fixed * sum_moving / count
-    fixed_variance = sum_fixed_squares - sum_fixed**2 / count
-    moving_variance = sum_moving_squares - sum_moving**2 / count
+    # sum of squares minus squared sum cancels: in a 16-bit format the difference can round to a
+    # negative "variance", and a negative or tiny denominator turns the correlation into a huge
+    # number the optimizer then chases (bf16 runs reached losses of -6e6). Variances are >= 0 and
+    # the squared correlation is <= 1 (Cauchy-Schwarz), so both bounds only remove rounding error.
+    fixed_variance = (sum_fixed_squares - sum_fixed**2 / count).clamp(min=0)
+    moving_variance = (sum_moving_squares - sum_moving**2 / count).clamp(min=0)
     # the epsilon keeps flat background (zero variance) from dividing 0 by 0
     epsilon = 1e-5 * count
     correlation = cross * cross / (fixed_variance * moving_variance + epsilon)
-    return correlation.mean()
+    return correlation.clamp(max=1.0).mean()
+
+
+def largest_intermediate(metric: str, *, fixed: torch.Tensor, moving: torch.Tensor, radius: int,
+                         samples: int) -> float:
+    """An upper bound on the magnitudes `metric` computes on these images (for the format's range).
+
+    CC sums products of intensities over a (2r+1)^D box; MI adds up to `samples` Parzen weights in
+    one histogram bin before normalising; MSE squares differences.
+    """
+    largest = max(float(fixed.detach().abs().max()), float(moving.detach().abs().max()))
+    if metric == "cc":
+        return (2 * radius + 1) ** fixed.dim() * largest * largest
+    if metric == "mi":
+        return max(largest, float(samples))
+    return 4.0 * largest * largest
 
 
 def mean_squared_error(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:

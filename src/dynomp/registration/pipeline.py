@@ -24,6 +24,7 @@ current format; the final transforms are assembled and applied in float64.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from dynomp.registration.config import RegistrationConfig, StageConfig
-from dynomp.registration.metrics import Loss, build_loss
+from dynomp.registration.metrics import Loss, build_loss, largest_intermediate
 from dynomp.registration.optimizer import (
     ConvergenceMonitor,
     RegistrationDiverged,
@@ -376,7 +377,11 @@ def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.
             bins=stage.metric_bins, radius=stage.cc_radius,
             sampling_fraction=stage.sampling_fraction, seed=seed + level,
         )
-        setting.start_level()
+        setting.start_level(working_magnitude=largest_intermediate(
+            stage.metric, fixed=images.fixed.data, moving=images.moving.data,
+            radius=stage.cc_radius,
+            samples=math.ceil(images.fixed.data.numel() * stage.sampling_fraction),
+        ))
         problem = LinearProblem(
             kind=stage.name, images=images, parameters=parameters.to(device), center=center.to(device),
             loss=loss, learning_rate=stage.learning_rate, setting=setting,
@@ -416,7 +421,10 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, fixed: torc
         loss = build_loss(stage.metric, fixed=images.fixed.data, moving=aligned,
                           bins=stage.metric_bins, radius=stage.cc_radius,
                           sampling_fraction=stage.sampling_fraction)
-        setting.start_level()
+        setting.start_level(working_magnitude=largest_intermediate(
+            stage.metric, fixed=images.fixed.data, moving=aligned, radius=stage.cc_radius,
+            samples=math.ceil(images.fixed.data.numel() * stage.sampling_fraction),
+        ))
         problem = SymmetricProblem(
             fixed=images.fixed.data, moving=aligned, fixed_field=fixed_field,
             moving_field=moving_field, loss=loss, stage=stage, setting=setting,

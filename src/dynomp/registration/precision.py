@@ -53,6 +53,7 @@ class PrecisionSetting:
         else:
             self.format = arm
         self.controller = self._new_controller(self.format)
+        self.working_magnitude: float | None = None
 
     def _new_controller(self, initial_format: str) -> PrecisionController:
         if self.adaptive:
@@ -67,9 +68,15 @@ class PrecisionSetting:
             [self.arm], self.config.window, "virtual", device=self.device, initial_format=self.arm
         )
 
-    def start_level(self) -> None:
-        """A fresh controller window for a new level or stage (the state changes shape there)."""
+    def start_level(self, *, working_magnitude: float | None = None) -> None:
+        """A fresh controller window for a new level or stage (the state changes shape there).
+
+        `working_magnitude`: the largest value the level's loss computes (see
+        `dynomp.registration.metrics.largest_intermediate`); formats whose range cannot hold it are
+        not chosen.
+        """
         self.controller = self._new_controller(self.format)
+        self.working_magnitude = working_magnitude
 
     @property
     def dtype(self) -> torch.dtype:
@@ -96,7 +103,10 @@ class PrecisionSetting:
 
     def observe(self, parameters: list[torch.Tensor], gradients: list[torch.Tensor]) -> dict[str, Any]:
         """Feed one iteration to the controller; say whether the format changed, and p_min."""
-        chosen = self.controller.observe([p.detach() for p in parameters], [g.detach() for g in gradients])
+        chosen = self.controller.observe(
+            [p.detach() for p in parameters], [g.detach() for g in gradients],
+            max_abs=self.working_magnitude,
+        )
         row = self.controller.trace[-1]
         changed = False
         if self.adaptive and chosen != self.format:

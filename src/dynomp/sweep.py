@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from tqdm import tqdm
 
 from dynomp.atomic import atomic_path, write_json_atomic, write_text_atomic
 from dynomp.precision.controller import EXECUTION_MODES
 from dynomp.precision.formats import validate_formats
+from dynomp.yaml_file import read_yaml
 
 SWEEP_KINDS = ("registration", "learning")
 GRID_KEYS = ("window", "formats", "execution")
@@ -219,13 +219,7 @@ def load_sweep(
 ) -> list[SweepJob]:
     """Read and validate a sweep file; return its jobs (file paths made absolute)."""
     source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: sweep file not found")
-    try:
-        data = yaml.safe_load(source.read_text())
-    except yaml.YAMLError as error:
-        problem = str(error).replace("\n", " ")
-        raise ValueError(f"{source}: not valid YAML ({problem})") from None
+    data = read_yaml(source, kind="sweep file")
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a mapping at the top level")
     kind = data.get("kind")

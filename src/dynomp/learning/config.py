@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dynomp.precision.controller import EXECUTION_MODES
 from dynomp.precision.formats import validate_formats
+from dynomp.yaml_file import read_yaml
 
 TASKS = ("registration", "classification")
 IMAGE_LOSSES = ("mse", "ncc")
@@ -153,13 +152,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainingCon
     values: dict[str, Any] = {}
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         unknown = sorted(set(loaded) - known)

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dynomp.precision.controller import EXECUTION_MODES
 from dynomp.precision.formats import validate_formats
+from dynomp.yaml_file import read_yaml
 
 STAGE_NAMES = ("rigid", "affine", "syn")
 METRIC_NAMES = ("mi", "cc", "mse")
@@ -252,12 +251,5 @@ def load_config(path: str | Path | None) -> RegistrationConfig:
         return paper_config()
     if str(path) in PRESETS and not Path(path).is_file():
         return paper_config() if str(path) == "paper" else quick_config()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        problem = str(error).replace("\n", " ")
-        raise ValueError(f"{path}: not valid YAML ({problem})") from None
+    data = read_yaml(path) or {}
     return config_from_dict(data, source=str(path))

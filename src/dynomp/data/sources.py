@@ -114,15 +114,20 @@ def save_as_dataset(folder: str | os.PathLike, *, message: str) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_datalad():
-    """DataLad's INFO lines (procedure banners) off for the block; warnings still show."""
-    logger = logging.getLogger("datalad")
+def _quiet_logger(name: str):
+    """The logger's INFO lines off for the block; warnings still show."""
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _quiet_datalad():
+    """DataLad's INFO lines (procedure banners) off for the block."""
+    return _quiet_logger("datalad")
 
 
 def normalize_subjects(subjects: Sequence[str] | None) -> list[str] | None:
@@ -403,15 +408,12 @@ def _patool_subprocess_runner():
 
     previous = patoolib.util.run
     patoolib.util.run = _run_archive_command
-    # patool logs each step at INFO on stderr, around the listing `dynomp fetch` prints
-    patool_logger = logging.getLogger("patool")
-    previous_level = patool_logger.level
-    patool_logger.setLevel(logging.WARNING)
     try:
-        yield
+        # patool logs each step at INFO on stderr, around the listing `dynomp fetch` prints
+        with _quiet_logger("patool"):
+            yield
     finally:
         patoolib.util.run = previous
-        patool_logger.setLevel(previous_level)
 
 
 def _resolve_layout(dataset: Path, *, layout: str) -> str:

@@ -28,6 +28,8 @@ from dynomp.atomic import write_text_atomic
 
 EMBEDDED_SOURCE = "embedded"
 EMBEDDED_TEMPLATE = "MNI152NLin2009aSym"
+# dynomp.registration.config.PRESETS (a test keeps them equal); importing that module here would
+# load torch into every Snakemake start-up and cluster job, about 3 s each
 REGISTRATION_PRESETS = ("paper", "quick")
 PROFILES = ("slurm", "local")
 # the repository's workflow folder, when dynomp runs from a checkout (editable install)

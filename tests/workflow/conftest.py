@@ -27,6 +27,12 @@ def snakemake(*arguments: str, cwd: Path = REPOSITORY, env: dict | None = None,
     )
 
 
+def dynomp(*arguments: str, env: dict) -> subprocess.CompletedProcess:
+    """`dynomp ARGUMENTS`, this interpreter's console script, in a child process."""
+    return subprocess.run([str(Path(sys.executable).parent / "dynomp"), *arguments], env=env,
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
 def job_counts(output: str) -> dict[str, int]:
     """The 'Job stats' table of a Snakemake run or dry run, as {rule: count}."""
     counts: dict[str, int] = {}

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from dynomp.workflow import rule_name
-from tests.workflow.conftest import job_counts, snakemake, tiny_config, write_config
+from tests.workflow.conftest import dynomp, job_counts, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.slurm
 
@@ -23,11 +23,9 @@ LOCAL_RULES = {"fetch", "template", "run_lists", "all"}
 
 def test_the_tiny_study_runs_with_the_slurm_executor(local_slurm, tmp_path: Path) -> None:
     environment = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "config"))
-    installed = snakemake_free_command(
-        ["profile", "install", "slurm", "--account", local_slurm.account,
-         "--partition", local_slurm.partition, "--no-apptainer", "--no-gpu"],
-        env=environment,
-    )
+    installed = dynomp("profile", "install", "slurm", "--account", local_slurm.account,
+                       "--partition", local_slurm.partition, "--no-apptainer", "--no-gpu",
+                       env=environment)
     assert installed.returncode == 0, installed.stderr
     profile = tmp_path / "config" / "snakemake" / "slurm" / "config.yaml"
     assert profile.is_file()
@@ -62,15 +60,6 @@ def test_the_tiny_study_runs_with_the_slurm_executor(local_slurm, tmp_path: Path
     assert set(metrics["arm"]) == {"fp64", "dynomp"} and set(metrics["subject"]) == {"sub-01", "sub-02", "sub-03"}
     assert (study / "stats" / "loss_difference.tsv").is_file()
     assert (study / "figures" / "pmin_traces.svg").is_file()
-
-
-def snakemake_free_command(arguments: list[str], *, env: dict):
-    """`dynomp ARGUMENTS` in a child process with the given environment."""
-    import subprocess
-    import sys
-
-    return subprocess.run([str(Path(sys.executable).parent / "dynomp"), *arguments], env=env,
-                          capture_output=True, text=True, check=False, timeout=120)
 
 
 def job_counts_all(output: str) -> dict[str, int]:

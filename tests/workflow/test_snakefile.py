@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +13,7 @@ import yaml
 from dynomp.workflow import rule_name
 from tests.workflow.conftest import (
     REPOSITORY,
+    dynomp,
     job_counts,
     snakemake,
     tiny_config,
@@ -199,11 +198,8 @@ def test_the_profiles_dry_run_without_a_cluster(tmp_path: Path) -> None:
     assert local.returncode == 0, local.stderr
     assert job_counts(local.stdout)["total"] == 44
     environment = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "config"))
-    installed = subprocess.run(
-        [str(Path(sys.executable).parent / "dynomp"), "profile", "install", "slurm", "--account",
-         "lab", "--partition", "short", "--no-apptainer"],
-        env=environment, capture_output=True, text=True, check=False,
-    )
+    installed = dynomp("profile", "install", "slurm", "--account", "lab", "--partition", "short",
+                       "--no-apptainer", env=environment)
     assert installed.returncode == 0, installed.stderr
     slurm = snakemake("-n", "--profile", "slurm", "--config", results, env=environment)
     assert slurm.returncode == 0, slurm.stderr

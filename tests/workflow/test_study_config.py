@@ -9,8 +9,10 @@ import yaml
 
 from dynomp.cli import main
 from dynomp.learning.strategies import STRATEGIES
+from dynomp.registration.config import PRESETS
 from dynomp.registration.precision import ARMS
 from dynomp.workflow import (
+    REGISTRATION_PRESETS,
     check_containers,
     discovered_subjects,
     install_profile,
@@ -38,6 +40,7 @@ def test_the_schema_lists_exactly_the_arms_the_code_knows() -> None:
     properties = read_schema(SCHEMA)["properties"]
     assert properties["registration"]["properties"]["arms"]["items"]["enum"] == list(ARMS)
     assert properties["learning"]["properties"]["arms"]["items"]["enum"] == list(STRATEGIES)
+    assert REGISTRATION_PRESETS == PRESETS
 
 
 def test_the_default_study_loads_with_defaults_filled_in() -> None:

@@ -53,12 +53,12 @@ def subjects(wildcards=None):
     return study_workflow.discovered_subjects(dataset, subjects=DATA["subjects"])
 
 
-def registration_runs(wildcards=None, arms=None):
+def registration_runs(wildcards=None):
     """Every registration run folder of the study (subject x arm)."""
     return [
         f"{ROOT}/registration/sub-{subject}/{arm}"
         for subject in subjects()
-        for arm in (arms or REGISTRATION["arms"])
+        for arm in REGISTRATION["arms"]
     ]
 
 

@@ -114,10 +114,15 @@ def test_sample_at_a_list_of_points_equals_sampling_the_grid(generator):
     assert torch.allclose(sample(volume, centres), volume, atol=1e-12)
 
 
-def test_identity_grid_is_built_once_and_holds_the_indices():
-    first = identity_coordinates((3, 4), dtype=torch.float32)
-    assert first is identity_coordinates([3, 4], dtype=torch.float32)
+def test_identity_grid_is_cached_on_request_and_holds_the_indices():
+    first = identity_coordinates((3, 4), dtype=torch.float32, cached=True)
+    assert first is identity_coordinates([3, 4], dtype=torch.float32, cached=True)
     assert first[0, 2, 1] == 2 and first[1, 2, 1] == 1
+    # one-off callers get their own grid, and the cache keeps the two most recent grids only
+    assert identity_coordinates((3, 4), dtype=torch.float32) is not first
+    identity_coordinates((5, 4), dtype=torch.float32, cached=True)
+    identity_coordinates((6, 4), dtype=torch.float32, cached=True)
+    assert identity_coordinates((3, 4), dtype=torch.float32, cached=True) is not first
 
 
 def test_inversion_stops_at_its_tolerance():
@@ -128,3 +133,69 @@ def test_inversion_stops_at_its_tolerance():
     assert (close - exact).abs().max() < 1e-5
     # a tolerance larger than any change stops after the first iteration
     assert torch.equal(invert(field, iterations=60, tolerance=100.0), invert(field, iterations=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_sampler_matches_grid_sample_values_and_gradient(generator, dtype):
+    volume = smooth(torch.rand(2, 9, 11, 8, dtype=torch.float64, generator=generator), 1.0, dimensions=3)
+    # points inside, on the last voxel, and beyond every border (clamped: border padding)
+    inside = torch.rand(3, 200, dtype=torch.float64, generator=generator) * torch.tensor([[8.0], [10.0], [7.0]])
+    edges = torch.tensor([[8.0, -2.5, 3.3, 12.0], [10.0, 4.2, -0.7, 3.0], [7.0, 2.0, 9.5, -4.0]], dtype=torch.float64)
+    points = torch.cat([inside, edges], dim=1)
+    volume, points = volume.to(dtype), points.to(dtype)
+    batch = volume.unsqueeze(0)
+    scale = torch.tensor([2.0 / 7, 2.0 / 10, 2.0 / 8], dtype=dtype)  # x, y, z
+    grid = (points.flip(0).T * scale - 1.0).reshape(1, -1, 1, 1, 3)
+    expected = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    values = sample(volume, points)
+    assert values.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(values, expected.reshape(2, -1), atol=tolerance)
+
+    weights = torch.rand(2, points.shape[1], dtype=dtype, generator=generator)
+    ours = points.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad((sample(volume, ours) * weights).sum(), ours)
+    theirs = grid.clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad(
+        (F.grid_sample(batch, theirs, mode="bilinear", padding_mode="border", align_corners=True).reshape(2, -1)
+         * weights).sum(), theirs)
+    reference = reference.reshape(-1, 3).flip(1).T * scale.flip(0)[:, None]
+    # inside the grid the gradients agree; on a clamped axis the value does not move
+    assert torch.allclose(gradient[:, :200], reference[:, :200], atol=tolerance * 10)
+    assert gradient[1, 201] != 0 and gradient[0, 201] == 0  # z clamped at -2.5, y inside
+    assert gradient[2, 203] == 0 and gradient[0, 203] == 0  # z and x beyond the grid
+
+
+def test_compiled_sampler_is_bypassed_where_it_would_differ(generator):
+    from dynomp.precision.dispatch import VirtualPrecision
+    from dynomp.registration.transforms import _compiled_kernel_applies
+
+    volume = torch.rand(5, 6, 7, dtype=torch.float64, generator=generator)
+    points = torch.rand(3, 10, dtype=torch.float64, generator=generator) * 4
+    assert _compiled_kernel_applies(volume, points, mode="bilinear", padding="border")
+    assert not _compiled_kernel_applies(volume, points, mode="nearest", padding="border")
+    assert not _compiled_kernel_applies(volume, points, mode="bilinear", padding="zeros")
+    assert not _compiled_kernel_applies(volume.requires_grad_(True), points, mode="bilinear", padding="border")
+    volume = volume.detach()
+    # an emulated format rounds every torch op: the kernel is not one, so grid_sample runs there
+    with VirtualPrecision("bf16"):
+        assert not _compiled_kernel_applies(volume, points, mode="bilinear", padding="border")
+        values = sample(volume.float(), points.float())
+    assert torch.equal(values, values.bfloat16().float())
+
+
+def test_local_cross_correlation_gradient_is_the_derivative_of_its_value(generator):
+    from dynomp.registration.metrics import local_cross_correlation
+
+    fixed = smooth(torch.rand(6, 7, 5, dtype=torch.float64, generator=generator), 0.8, dimensions=3)
+    moving = 0.4 * fixed + smooth(torch.rand(6, 7, 5, dtype=torch.float64, generator=generator), 0.8, dimensions=3)
+    fixed[:2] = 0.3  # a flat slab: zero variance, the epsilon's regime
+    inputs = (fixed.requires_grad_(True), moving.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda f, m: local_cross_correlation(f, m, radius=1), inputs)
+    # 2-D, and one input only
+    image = torch.rand(9, 8, dtype=torch.float64, generator=generator).requires_grad_(True)
+    other = torch.rand(9, 8, dtype=torch.float64, generator=generator)
+    assert torch.autograd.gradcheck(lambda m: local_cross_correlation(other, m, radius=2), (image,))
+    # a window where the two images are proportional has correlation 1 (the clamp's edge)
+    value = local_cross_correlation(other, 3.0 * other, radius=2)
+    assert 0.99 < float(value) <= 1.0

@@ -40,6 +40,9 @@ class StageConfig:
     shrink_factors: tuple[int, ...] = (8, 4, 2, 1)
     smoothing_sigmas: tuple[float, ...] = (3.0, 2.0, 1.0, 0.0)
     learning_rate: float = 0.1
+    # rigid and affine: the rate is multiplied by this when a step reverses the previous one
+    # (ITK's regular-step relaxation; 1 keeps the rate, as ANTs' plain gradient descent does)
+    relaxation: float = 0.5
     metric_bins: int = 32
     sampling_fraction: float = 0.25
     cc_radius: int = 4
@@ -76,6 +79,8 @@ class StageConfig:
             raise ValueError(f"{self.name}.smoothing_sigmas: must be >= 0, got {self.smoothing_sigmas}")
         if not self.learning_rate > 0:
             raise ValueError(f"{self.name}.learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0 < self.relaxation <= 1:
+            raise ValueError(f"{self.name}.relaxation: must be in (0, 1], got {self.relaxation}")
         if self.metric_bins < 8:
             raise ValueError(f"{self.name}.metric_bins: must be >= 8, got {self.metric_bins}")
         if not 0 < self.sampling_fraction <= 1:

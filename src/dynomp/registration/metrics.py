@@ -139,24 +139,82 @@ def box_count(shape: tuple[int, ...], *, radius: int, dtype: torch.dtype, device
 
 
 def local_cross_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, radius: int = 4) -> torch.Tensor:
-    """Mean over voxels of the squared local correlation in a (2r+1)^D box (ANTs' CC metric)."""
+    """Mean over voxels of the squared local correlation in a (2r+1)^D box (ANTs' CC metric).
+
+    Differentiable in both images, with the gradient written out (`_LocalCrossCorrelation`) rather
+    than left to autograd: one batched box sum of seven maps instead of autograd's trip back
+    through the forward pass's filters, and a fraction of the saved intermediates.
+    """
+    return _LocalCrossCorrelation.apply(fixed, moving, radius)
+
+
+def _window_statistics(fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> dict[str, torch.Tensor]:
     dimensions = fixed.dim()
     count = box_count(tuple(fixed.shape), radius=radius, dtype=fixed.dtype, device=fixed.device)
     # the five box sums in one batched pass
     sums = box_sum(torch.stack([fixed, moving, fixed * moving, fixed * fixed, moving * moving]),
                    radius=radius, dimensions=dimensions)
     sum_fixed, sum_moving, sum_cross, sum_fixed_squares, sum_moving_squares = sums.unbind(0)
-    cross = sum_cross - sum_fixed * sum_moving / count
+    mean_fixed = sum_fixed / count
+    mean_moving = sum_moving / count
+    cross = sum_cross - sum_fixed * mean_moving
     # sum of squares minus squared sum cancels: in a 16-bit format the difference can round to a
     # negative "variance", and a negative or tiny denominator turns the correlation into a huge
     # number the optimizer then chases (bf16 runs reached losses of -6e6). Variances are >= 0 and
     # the squared correlation is <= 1 (Cauchy-Schwarz), so both bounds only remove rounding error.
-    fixed_variance = (sum_fixed_squares - sum_fixed**2 / count).clamp(min=0)
-    moving_variance = (sum_moving_squares - sum_moving**2 / count).clamp(min=0)
+    fixed_variance = sum_fixed_squares - sum_fixed * mean_fixed
+    moving_variance = sum_moving_squares - sum_moving * mean_moving
     # the epsilon keeps flat background (zero variance) from dividing 0 by 0
-    epsilon = 1e-5 * count
-    correlation = cross * cross / (fixed_variance * moving_variance + epsilon)
-    return correlation.clamp(max=1.0).mean()
+    denominator = fixed_variance.clamp(min=0) * moving_variance.clamp(min=0) + 1e-5 * count
+    return {"mean_fixed": mean_fixed, "mean_moving": mean_moving, "cross": cross,
+            "fixed_variance": fixed_variance, "moving_variance": moving_variance,
+            "denominator": denominator}
+
+
+class _LocalCrossCorrelation(torch.autograd.Function):
+    """mean_w c_w, c_w = A_w^2 / (B_w C_w + eps_w), clamped to 1, and its gradient in closed form.
+
+    With A the window's cross term, B and C its two variances (clamped at 0), a voxel x lies in the
+    windows centred within r of it, so
+
+        dL/dm(x) = (1/N) sum_{w near x} [a_w (f(x) - mean_f,w) + 2 b_w (m(x) - mean_m,w)]
+
+    with a_w = dc_w/dA_w and b_w = dc_w/dC_w (zero where the clamps are active), and the same with
+    the roles swapped for f. The sums over w near x are box sums, batched for all seven maps.
+    """
+
+    @staticmethod
+    def forward(ctx, fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
+        stats = _window_statistics(fixed, moving, radius)
+        cross, denominator = stats["cross"], stats["denominator"]
+        correlation = cross * cross / denominator
+        loss = correlation.clamp(max=1.0).mean()
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            inside = (correlation <= 1.0).to(cross.dtype)
+            scale = inside / (denominator * correlation.numel())
+            cross_weight = 2.0 * cross * scale
+            squared = cross * cross * scale / denominator
+            fixed_weight = -squared * stats["moving_variance"].clamp(min=0) * (stats["fixed_variance"] >= 0)
+            moving_weight = -squared * stats["fixed_variance"].clamp(min=0) * (stats["moving_variance"] >= 0)
+            ctx.save_for_backward(fixed, moving, stats["mean_fixed"], stats["mean_moving"], cross_weight,
+                                  fixed_weight, moving_weight)
+        ctx.radius = radius
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        fixed, moving, mean_fixed, mean_moving, cross_weight, fixed_weight, moving_weight = ctx.saved_tensors
+        sums = box_sum(torch.stack([
+            cross_weight, cross_weight * mean_fixed, cross_weight * mean_moving,
+            fixed_weight, fixed_weight * mean_fixed, moving_weight, moving_weight * mean_moving,
+        ]), radius=ctx.radius, dimensions=fixed.dim())
+        cross_sum, cross_fixed, cross_moving, fixed_sum, fixed_mean, moving_sum, moving_mean = sums.unbind(0)
+        grad_fixed = grad_moving = None
+        if ctx.needs_input_grad[0]:
+            grad_fixed = grad * (moving * cross_sum - cross_moving + 2.0 * (fixed * fixed_sum - fixed_mean))
+        if ctx.needs_input_grad[1]:
+            grad_moving = grad * (fixed * cross_sum - cross_fixed + 2.0 * (moving * moving_sum - moving_mean))
+        return grad_fixed, grad_moving, None
 
 
 def largest_intermediate(metric: str, *, fixed: torch.Tensor, moving: torch.Tensor, radius: int,

@@ -126,7 +126,7 @@ class LinearProblem:
     """Rigid or affine parameters at one level: y = M (x - c) + c + t in physical space."""
 
     def __init__(self, *, kind: str, images: _Images, parameters: torch.Tensor, center: torch.Tensor,
-                 loss: Loss, learning_rate: float, setting: PrecisionSetting) -> None:
+                 loss: Loss, learning_rate: float, setting: PrecisionSetting, relaxation: float = 0.5) -> None:
         self.kind = kind
         self.dimensions = images.fixed.data.dim()
         self.fixed_affine = images.fixed.affine
@@ -156,7 +156,7 @@ class LinearProblem:
         # a first step moves the farthest voxel by learning_rate voxels of this level
         self.optimizer = ScaledGradientDescent(
             torch.tensor(scales, dtype=torch.float64, device=parameters.device),
-            max_shift=learning_rate * spacing,
+            max_shift=learning_rate * spacing, relaxation=relaxation,
         )
 
     def matrix(self, parameters: torch.Tensor) -> torch.Tensor:
@@ -292,7 +292,7 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
         transform[:dimensions, dimensions] = center_of_mass(moving_data, moving_affine).cpu() - center
     trace: list[dict[str, Any]] = []
     final_losses: dict[str, float] = {}
-    fixed_field = moving_field = None
+    syn_fields: list[torch.Tensor] = []
     diverged_at = None
     try:
         for stage in config.stages:
@@ -303,7 +303,7 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
                     trace=trace, final_losses=final_losses, seed=config.seed, device=device,
                 )
             else:
-                fixed_field, moving_field = _symmetric_stage(
+                syn_fields[:] = _symmetric_stage(
                     stage, transform=transform, fixed=fixed_data, moving=moving_data,
                     fixed_affine=fixed_affine, moving_affine=moving_affine, setting=setting,
                     trace=trace, final_losses=final_losses,
@@ -312,23 +312,19 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
         diverged_at = {"stage": error.stage, "level": error.level, "iteration": error.iteration}
 
     shape = tuple(fixed_data.shape)
-    if fixed_field is None:
+    if not syn_fields:
         forward_field = torch.zeros(dimensions, *shape, dtype=torch.float64, device=device)
         backward_field = forward_field
     else:
-        fixed_field = resize_field(fixed_field.to(torch.float64), shape)
-        moving_field = resize_field(moving_field.to(torch.float64), shape)
-        fixed_inverse = invert(fixed_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
-        moving_inverse = invert(moving_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
-        forward_field = compose(moving_field, fixed_inverse)
-        backward_field = compose(fixed_field, moving_inverse)
+        forward_field, backward_field = _assemble_fields(syn_fields, shape)
     transform_device = transform.to(device)
     moving_coordinates = affine_coordinates(
         transform_device, fixed_affine=fixed_affine, moving_affine=moving_affine, shape=shape,
         displacement=forward_field,
     )
-    fixed_points = to_physical(identity_coordinates(shape, dtype=torch.float64, device=device), fixed_affine)
-    forward_displacement = to_physical(moving_coordinates, moving_affine) - fixed_points
+    del forward_field
+    forward_displacement = to_physical(moving_coordinates, moving_affine)
+    forward_displacement -= to_physical(identity_coordinates(shape, dtype=torch.float64, device=device), fixed_affine)
     inverse_displacement = _inverse_displacement(
         transform_device, backward_field, fixed_affine=fixed_affine, moving_affine=moving_affine,
         moving_shape=tuple(moving_data.shape),
@@ -347,6 +343,24 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
     )
 
 
+def _assemble_fields(fields: list[torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SyN's forward (u_m after u_f^-1) and inverse (u_f after u_m^-1) fields, in float64 on `shape`.
+
+    `fields` is [u_f, u_m]; it is emptied, so that each field is freed once used: one inverse at a
+    time, at most five fields held.
+    """
+    fixed_field, moving_field = fields
+    fields.clear()
+    fixed_field = resize_field(fixed_field.to(torch.float64), shape)
+    moving_field = resize_field(moving_field.to(torch.float64), shape)
+    inverse = invert(fixed_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
+    forward_field = compose(moving_field, inverse)
+    inverse = invert(moving_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
+    del moving_field
+    backward_field = compose(fixed_field, inverse)
+    return forward_field, backward_field
+
+
 def _inverse_displacement(transform: torch.Tensor, backward_field: torch.Tensor, *,
                           fixed_affine: torch.Tensor, moving_affine: torch.Tensor,
                           moving_shape: tuple[int, ...]) -> torch.Tensor:
@@ -357,9 +371,10 @@ def _inverse_displacement(transform: torch.Tensor, backward_field: torch.Tensor,
     )
     to_fixed_voxels = torch.linalg.inv(fixed_affine.to(device)) @ torch.linalg.inv(transform)
     fixed_voxels = to_physical(moving_points, to_fixed_voxels)
-    correction = sample(backward_field, fixed_voxels, padding="border")
-    fixed_points = to_physical(fixed_voxels + correction, fixed_affine)
-    return fixed_points - moving_points
+    fixed_voxels += sample(backward_field, fixed_voxels, padding="border")
+    displacement = to_physical(fixed_voxels, fixed_affine)
+    displacement -= moving_points
+    return displacement
 
 
 def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.Tensor,
@@ -384,7 +399,7 @@ def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.
         ))
         problem = LinearProblem(
             kind=stage.name, images=images, parameters=parameters.to(device), center=center.to(device),
-            loss=loss, learning_rate=stage.learning_rate, setting=setting,
+            loss=loss, learning_rate=stage.learning_rate, setting=setting, relaxation=stage.relaxation,
         )
         final_losses[f"{stage.name}/{level}"] = optimize_level(
             problem, iterations=stage.iterations[level],
@@ -400,8 +415,9 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, fixed: torc
                      moving: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor,
                      setting: PrecisionSetting, trace: list[dict[str, Any]],
                      final_losses: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run SyN over its pyramid; return the fields u_f and u_m at the last level's grid."""
+    """Run SyN over its pyramid; return the fields u_f and u_m at the last level's grid, in the last format."""
     dimensions = fixed.dim()
+    # the fields stay in the arm's format between levels (no float64 copies held beside them)
     fixed_field = moving_field = None
     for level in range(stage.levels):
         images = _levels(fixed, fixed_affine, moving, moving_affine, stage, level)
@@ -412,8 +428,9 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, fixed: torc
             moving_affine=images.moving.affine, shape=shape,
         )
         aligned = sample(images.moving.data, coordinates)
+        del coordinates
         if fixed_field is None:
-            fixed_field = torch.zeros(dimensions, *shape, dtype=torch.float64, device=fixed.device)
+            fixed_field = torch.zeros(dimensions, *shape, dtype=setting.dtype, device=fixed.device)
             moving_field = torch.zeros_like(fixed_field)
         else:
             fixed_field = resize_field(fixed_field, shape)
@@ -429,11 +446,13 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, fixed: torc
             fixed=images.fixed.data, moving=aligned, fixed_field=fixed_field,
             moving_field=moving_field, loss=loss, stage=stage, setting=setting,
         )
+        # the problem holds its own copies in the current format
+        del images, aligned, fixed_field, moving_field
         final_losses[f"syn/{level}"] = optimize_level(
             problem, iterations=stage.iterations[level],
             monitor=ConvergenceMonitor(stage.convergence_window, stage.convergence_threshold),
             setting=setting, stage=stage.name, level=level, trace=trace,
         )
-        fixed_field = problem.fixed_field.detach().to(torch.float64)
-        moving_field = problem.moving_field.detach().to(torch.float64)
+        fixed_field, moving_field = problem.fixed_field.detach(), problem.moving_field.detach()
+        del problem
     return fixed_field, moving_field

@@ -9,7 +9,7 @@ import torch
 
 from dynomp.registration.config import load_config, paper_config, quick_config
 from dynomp.registration.metrics import local_cross_correlation, mutual_information
-from dynomp.registration.optimizer import ConvergenceMonitor, convergence_value
+from dynomp.registration.optimizer import ConvergenceMonitor, ScaledGradientDescent, convergence_value
 from dynomp.registration.precision import check_arm
 from dynomp.registration.pyramid import build_level
 from dynomp.registration.transforms import compose, invert, resize_field
@@ -47,6 +47,26 @@ def test_convergence_value_of_linear_and_flat_curves():
     monitor = ConvergenceMonitor(window=10, threshold=1e-6)
     flags = [monitor.converged(-1.0) for _ in range(10)]
     assert flags == [False] * 9 + [True]
+
+
+def step_to_minimum(relaxation: float, steps: int = 40) -> tuple[float, float]:
+    """Regular steps on (p - 3.3)^2 from 0 with 1 mm steps; (final p, final step length)."""
+    optimizer = ScaledGradientDescent(torch.ones(1, dtype=torch.float64), max_shift=1.0, relaxation=relaxation)
+    parameter = torch.zeros(1, dtype=torch.float64)
+    for _ in range(steps):
+        parameter = optimizer.step(parameter, 2.0 * (parameter - 3.3))
+    return float(parameter), optimizer.step_length
+
+
+def test_regular_steps_shrink_when_they_reverse_and_settle_on_the_minimum():
+    # 0, 1, 2, 3, 4 in full steps; past the minimum the direction reverses and the step halves
+    position, length = step_to_minimum(0.5)
+    assert abs(position - 3.3) < 1e-3 and length < 1e-2
+    # without relaxation the steps keep their length and the parameter keeps jumping over 3.3
+    position, length = step_to_minimum(1.0)
+    assert length == 1.0 and abs(position - 3.3) > 0.25
+    with pytest.raises(ValueError, match="relaxation"):
+        ScaledGradientDescent(torch.ones(1), max_shift=1.0, relaxation=0.0)
 
 
 def test_pyramid_level_keeps_the_field_of_view():

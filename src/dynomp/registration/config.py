@@ -40,8 +40,8 @@ class StageConfig:
     shrink_factors: tuple[int, ...] = (8, 4, 2, 1)
     smoothing_sigmas: tuple[float, ...] = (3.0, 2.0, 1.0, 0.0)
     learning_rate: float = 0.1
-    # rigid and affine: the rate is multiplied by this when a step reverses the previous one
-    # (ITK's regular-step relaxation; 1 keeps the rate, as ANTs' plain gradient descent does)
+    # rigid and affine: the step length (learning_rate voxels at first) is multiplied by this when
+    # a step reverses the one before it (ITK's regular-step relaxation; 1 keeps it constant)
     relaxation: float = 0.5
     metric_bins: int = 32
     sampling_fraction: float = 0.25

@@ -153,7 +153,7 @@ class LinearProblem:
                         - center.cpu().reshape(-1, 1)).norm(dim=0).max())
         linear_count = parameters.numel() - self.dimensions
         scales = [max(radius, 1e-6)] * linear_count + [1.0] * self.dimensions
-        # a first step moves the farthest voxel by learning_rate voxels of this level
+        # a step moves the farthest voxel by learning_rate voxels of this level, less once relaxed
         self.optimizer = ScaledGradientDescent(
             torch.tensor(scales, dtype=torch.float64, device=parameters.device),
             max_shift=learning_rate * spacing, relaxation=relaxation,

@@ -199,3 +199,22 @@ def test_local_cross_correlation_gradient_is_the_derivative_of_its_value(generat
     # a window where the two images are proportional has correlation 1 (the clamp's edge)
     value = local_cross_correlation(other, 3.0 * other, radius=2)
     assert 0.99 < float(value) <= 1.0
+
+
+def test_freed_heap_pages_go_back_to_the_system():
+    from dynomp.registration.pipeline import _malloc_trim, release_free_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+
+    def resident_mb() -> float:
+        with open("/proc/self/status") as status:
+            return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+
+    # 300 blocks of 96 KiB: below glibc's mmap threshold, so they live on the heap; every other one
+    # stays alive, so the heap cannot simply shrink from its top when the rest are freed
+    blocks = [torch.ones(12 * 1024, dtype=torch.float64) for _ in range(300)]
+    del blocks[::2]
+    before = resident_mb()
+    release_free_memory()
+    assert resident_mb() < before - 8.0

@@ -239,14 +239,17 @@ def run_engine_arm(arm: str, *, folder: Path, config: Any) -> dict[str, Any]:
     warped = result.warp_moving(moving_labels.data, labels=True)
     dice_mean, dice_by_label = mean_dice(fixed_labels.data, warped)
     iterations: dict[str, int] = {}
+    seconds_by_level: dict[str, float] = {}
     for row in result.trace:
         key = f"{row['stage']}/{row['level']}"
         iterations[key] = iterations.get(key, 0) + 1
+        seconds_by_level[key] = seconds_by_level.get(key, 0.0) + row["seconds"]
     return {
         "arm": arm, "status": result.status, "seconds": seconds,
         "peak_bytes_above_baseline": peak - baseline, "baseline_bytes": baseline,
         "dice": dice_mean, "dice_by_label": dice_by_label, "final_losses": result.final_losses,
         "iterations": iterations, "seconds_by_format": result.seconds_by_format,
+        "seconds_by_level": seconds_by_level,
     }
 
 
@@ -444,6 +447,22 @@ def markdown_tables(results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, 
             values = [results[a]["final_losses"].get(key, math.nan) for a in loss_arms]
             difference = loss_differences.get(key, math.nan)
             lines.append(f"| {key} | " + " | ".join(f"{v:.6g}" for v in values) + f" | {difference:.2e} |")
+    timed = [arm for arm, row in results.items() if row.get("seconds_by_level")]
+    if keys and timed:
+        lines += ["", "| stage/level | " + " | ".join(f"{a} iteration s" for a in timed)
+                  + (" | dynomp / fp64 |" if {"dynomp", "fp64"} <= set(timed) else " |"),
+                  "|---|" + "---:|" * (len(timed) + ({"dynomp", "fp64"} <= set(timed)))]
+        for key in keys:
+            values = [results[a]["seconds_by_level"].get(key, math.nan) for a in timed]
+            line = f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+            if {"dynomp", "fp64"} <= set(timed):
+                bottom = results["fp64"]["seconds_by_level"].get(key, math.nan)
+                line += f" {results['dynomp']['seconds_by_level'].get(key, math.nan) / bottom:.2f} |"
+            lines.append(line)
+        totals = [sum(results[a]["seconds_by_level"].values()) for a in timed]
+        lines.append("| all iterations | " + " | ".join(f"{v:.2f}" for v in totals) + " |"
+                     + (f" {totals[timed.index('dynomp')] / totals[timed.index('fp64')]:.2f} |"
+                        if {"dynomp", "fp64"} <= set(timed) else ""))
     return "\n".join(lines), {name: {"value": value, "target": target} for name, (value, target) in checks.items()}
 
 

@@ -9,7 +9,7 @@ that grid's voxel units, shape (D, *grid); a field u stands for the map x -> x +
 Resampling is torch's `grid_sample` (trilinear or nearest), so the same code runs on CPU and CUDA,
 except for one case: trilinear sampling of a 3-D volume with border padding on the CPU, which every
 iteration does, runs a compiled kernel (`dynomp.registration.interpolation`) that gives the same
-values 4-7x faster and computes in the volume's own format.
+values 2-3x faster and computes in the volume's own format.
 """
 
 from __future__ import annotations

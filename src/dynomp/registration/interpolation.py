@@ -28,24 +28,29 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def _forward(volume, coordinates, limits, out):  # pragma: no cover - compiled
-    channels = volume.shape[0]
+def _cell(volume, coordinates, limits, n):  # pragma: no cover - compiled
+    """The cell point n lies in (border-clamped): its corner indices and the fractions within it."""
     # every constant in the volume's dtype: a Python 0.0 or 1 would promote float32 to float64
     zero = limits[0] - limits[0]
+    z = min(max(coordinates[0, n], zero), limits[0])
+    y = min(max(coordinates[1, n], zero), limits[1])
+    x = min(max(coordinates[2, n], zero), limits[2])
+    # the lower corner; on the last voxel the cell below it (weight 1 on its upper corner)
+    z0 = min(np.floor(z), limits[3])
+    y0 = min(np.floor(y), limits[4])
+    x0 = min(np.floor(x), limits[5])
+    i0, j0, k0 = int(z0), int(y0), int(x0)
+    i1 = min(i0 + 1, volume.shape[1] - 1)
+    j1 = min(j0 + 1, volume.shape[2] - 1)
+    k1 = min(k0 + 1, volume.shape[3] - 1)
+    return i0, j0, k0, i1, j1, k1, z - z0, y - y0, x - x0
+
+
+@njit(cache=True, nogil=True)
+def _forward(volume, coordinates, limits, out):  # pragma: no cover - compiled
     for n in range(coordinates.shape[1]):
-        z = min(max(coordinates[0, n], zero), limits[0])
-        y = min(max(coordinates[1, n], zero), limits[1])
-        x = min(max(coordinates[2, n], zero), limits[2])
-        # the lower corner; on the last voxel the cell below it (weight 1 on its upper corner)
-        z0 = min(np.floor(z), limits[3])
-        y0 = min(np.floor(y), limits[4])
-        x0 = min(np.floor(x), limits[5])
-        fz, fy, fx = z - z0, y - y0, x - x0
-        i0, j0, k0 = int(z0), int(y0), int(x0)
-        i1 = min(i0 + 1, volume.shape[1] - 1)
-        j1 = min(j0 + 1, volume.shape[2] - 1)
-        k1 = min(k0 + 1, volume.shape[3] - 1)
-        for c in range(channels):
+        i0, j0, k0, i1, j1, k1, fz, fy, fx = _cell(volume, coordinates, limits, n)
+        for c in range(volume.shape[0]):
             a = volume[c, i0, j0, k0] + fx * (volume[c, i0, j0, k1] - volume[c, i0, j0, k0])
             b = volume[c, i0, j1, k0] + fx * (volume[c, i0, j1, k1] - volume[c, i0, j1, k0])
             e = volume[c, i1, j0, k0] + fx * (volume[c, i1, j0, k1] - volume[c, i1, j0, k0])
@@ -57,24 +62,11 @@ def _forward(volume, coordinates, limits, out):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _backward(volume, coordinates, limits, grad_out, grad_coordinates):  # pragma: no cover - compiled
-    channels = volume.shape[0]
-    # every constant in the volume's dtype: a Python 0.0 or 1 would promote float32 to float64
     zero = limits[0] - limits[0]
     for n in range(coordinates.shape[1]):
-        cz, cy, cx = coordinates[0, n], coordinates[1, n], coordinates[2, n]
-        z = min(max(cz, zero), limits[0])
-        y = min(max(cy, zero), limits[1])
-        x = min(max(cx, zero), limits[2])
-        z0 = min(np.floor(z), limits[3])
-        y0 = min(np.floor(y), limits[4])
-        x0 = min(np.floor(x), limits[5])
-        fz, fy, fx = z - z0, y - y0, x - x0
-        i0, j0, k0 = int(z0), int(y0), int(x0)
-        i1 = min(i0 + 1, volume.shape[1] - 1)
-        j1 = min(j0 + 1, volume.shape[2] - 1)
-        k1 = min(k0 + 1, volume.shape[3] - 1)
+        i0, j0, k0, i1, j1, k1, fz, fy, fx = _cell(volume, coordinates, limits, n)
         gz, gy, gx = zero, zero, zero
-        for c in range(channels):
+        for c in range(volume.shape[0]):
             v000, v001 = volume[c, i0, j0, k0], volume[c, i0, j0, k1]
             v010, v011 = volume[c, i0, j1, k0], volume[c, i0, j1, k1]
             v100, v101 = volume[c, i1, j0, k0], volume[c, i1, j0, k1]
@@ -92,9 +84,9 @@ def _backward(volume, coordinates, limits, grad_out, grad_coordinates):  # pragm
             high = (v101 - v100) + fy * ((v111 - v110) - (v101 - v100))
             gx += weight * (low + fz * (high - low))
         # a coordinate clamped to the border does not move the value
-        grad_coordinates[0, n] = gz if zero < cz < limits[0] else zero
-        grad_coordinates[1, n] = gy if zero < cy < limits[1] else zero
-        grad_coordinates[2, n] = gx if zero < cx < limits[2] else zero
+        grad_coordinates[0, n] = gz if zero < coordinates[0, n] < limits[0] else zero
+        grad_coordinates[1, n] = gy if zero < coordinates[1, n] < limits[1] else zero
+        grad_coordinates[2, n] = gx if zero < coordinates[2, n] < limits[2] else zero
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}

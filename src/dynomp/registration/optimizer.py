@@ -105,7 +105,7 @@ class ScaledGradientDescent:
     the levels took 1.6x as many iterations.
     """
 
-    def __init__(self, scales: torch.Tensor, *, max_shift: float, relaxation: float = 0.5) -> None:
+    def __init__(self, scales: torch.Tensor, *, max_shift: float, relaxation: float) -> None:
         if not 0.0 < relaxation <= 1.0:
             raise ValueError(f"relaxation: must be in (0, 1], got {relaxation}")
         self.scales = scales

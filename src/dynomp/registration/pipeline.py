@@ -150,7 +150,7 @@ class LinearProblem:
     """Rigid or affine parameters at one level: y = M (x - c) + c + t in physical space."""
 
     def __init__(self, *, kind: str, images: _Images, parameters: torch.Tensor, center: torch.Tensor,
-                 loss: Loss, learning_rate: float, setting: PrecisionSetting, relaxation: float = 0.5) -> None:
+                 loss: Loss, learning_rate: float, setting: PrecisionSetting, relaxation: float) -> None:
         self.kind = kind
         self.dimensions = images.fixed.data.dim()
         self.fixed_affine = images.fixed.affine
@@ -402,6 +402,15 @@ def _inverse_displacement(transform: torch.Tensor, backward_field: torch.Tensor,
     return displacement
 
 
+def _start_level(setting: PrecisionSetting, stage: StageConfig, *, fixed: torch.Tensor,
+                 moving: torch.Tensor) -> None:
+    """A fresh controller window for a level, told the largest value the level's metric computes."""
+    setting.start_level(working_magnitude=largest_intermediate(
+        stage.metric, fixed=fixed, moving=moving, radius=stage.cc_radius,
+        samples=math.ceil(fixed.numel() * stage.sampling_fraction),
+    ))
+
+
 def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.Tensor,
                   fixed: torch.Tensor, moving: torch.Tensor, fixed_affine: torch.Tensor,
                   moving_affine: torch.Tensor, setting: PrecisionSetting,
@@ -418,11 +427,7 @@ def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.
             bins=stage.metric_bins, radius=stage.cc_radius,
             sampling_fraction=stage.sampling_fraction, seed=seed + level,
         )
-        setting.start_level(working_magnitude=largest_intermediate(
-            stage.metric, fixed=images.fixed.data, moving=images.moving.data,
-            radius=stage.cc_radius,
-            samples=math.ceil(images.fixed.data.numel() * stage.sampling_fraction),
-        ))
+        _start_level(setting, stage, fixed=images.fixed.data, moving=images.moving.data)
         problem = LinearProblem(
             kind=stage.name, images=images, parameters=parameters.to(device), center=center.to(device),
             loss=loss, learning_rate=stage.learning_rate, setting=setting, relaxation=stage.relaxation,
@@ -465,10 +470,7 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, fixed: torc
         loss = build_loss(stage.metric, fixed=images.fixed.data, moving=aligned,
                           bins=stage.metric_bins, radius=stage.cc_radius,
                           sampling_fraction=stage.sampling_fraction)
-        setting.start_level(working_magnitude=largest_intermediate(
-            stage.metric, fixed=images.fixed.data, moving=aligned, radius=stage.cc_radius,
-            samples=math.ceil(images.fixed.data.numel() * stage.sampling_fraction),
-        ))
+        _start_level(setting, stage, fixed=images.fixed.data, moving=aligned)
         problem = SymmetricProblem(
             fixed=images.fixed.data, moving=aligned, fixed_field=fixed_field,
             moving_field=moving_field, loss=loss, stage=stage, setting=setting,

@@ -79,6 +79,27 @@ def test_fp16_state_does_not_overflow_the_norms():
     assert value == pytest.approx(math.log2(PMIN_CONSTANT * 2.0 * 2.0), rel=1e-3)
 
 
+def test_float32_norms_that_overflow_or_underflow_are_redone_in_float64():
+    from dynomp.precision.estimator import difference_norm, global_norm, step_statistics
+
+    # squares of 1e30 overflow float32 and squares of 1e-30 underflow it; the norms are still exact
+    large = torch.full((100,), 1e30, dtype=torch.float32)
+    small = torch.full((100,), 1e-30, dtype=torch.float32)
+    assert global_norm([large]) == pytest.approx(1e31, rel=1e-6)
+    assert global_norm([small]) == pytest.approx(1e-29, rel=1e-6)
+    assert difference_norm([large], [-large]) == pytest.approx(2e31, rel=1e-6)
+    stats = step_statistics([large, small], [small, small], [large * 0.5, small], [small * 3, small],
+                            with_max_abs=True)
+    assert stats["param_norm"] == pytest.approx(1e31, rel=1e-6)
+    assert stats["grad_norm"] == pytest.approx(math.sqrt(2) * 1e-29, rel=1e-6)
+    assert stats["step_norm"] == pytest.approx(0.5e31, rel=1e-6)
+    assert stats["grad_change_norm"] == pytest.approx(2e-29, rel=1e-6)
+    assert stats["max_abs"] == pytest.approx(1e30, rel=1e-6)
+    # a zero norm stays zero, and a NaN stays NaN (a diverging state)
+    assert global_norm([torch.zeros(5)]) == 0.0
+    assert math.isnan(global_norm([torch.tensor([1.0, math.nan])]))
+
+
 @pytest.mark.parametrize(
     ("arguments", "name"),
     [

@@ -218,3 +218,103 @@ def test_freed_heap_pages_go_back_to_the_system():
     before = resident_mb()
     release_free_memory()
     assert resident_mb() < before - 8.0
+
+
+def test_work_is_split_over_torch_threads_and_covers_every_point_once():
+    from dynomp.registration import interpolation
+
+    calls = []
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        interpolation.run_split(lambda *arguments: calls.append(arguments), "volume", points=40000)
+        assert sorted(calls) == [("volume", 0, 20000), ("volume", 20000, 40000)]
+        calls.clear()
+        # a small call stays on the calling thread: a hand-off costs more than the work
+        interpolation.run_split(lambda *arguments: calls.append(arguments), "volume", points=500)
+        assert calls == [("volume", 0, 500)]
+        calls.clear()
+        torch.set_num_threads(1)
+        interpolation.run_split(lambda *arguments: calls.append(arguments), "volume", points=40000)
+        assert calls == [("volume", 0, 40000)]
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_sampler_equals_the_single_thread_sampler(generator, dtype):
+    volume = torch.rand(3, 30, 34, 32, dtype=dtype, generator=generator)
+    points = (identity_coordinates((30, 34, 32), dtype=dtype)
+              + 3 * torch.randn(3, 30, 34, 32, dtype=dtype, generator=generator)).reshape(3, -1)
+    weights = torch.rand(3, points.shape[1], dtype=dtype, generator=generator)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ours = points.clone().requires_grad_(True)
+            values = sample(volume, ours)
+            (gradient,) = torch.autograd.grad((values * weights).sum(), ours)
+            results.append((values.detach(), gradient))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert float(results[0][1].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_mutual_information_is_the_torch_expression(generator, dtype):
+    from dynomp.precision.dispatch import VirtualPrecision
+    from dynomp.registration.metrics import (
+        _compiled_information_applies,
+        mutual_information_of_histogram,
+    )
+
+    fixed = torch.rand(5000, dtype=torch.float64, generator=generator) * 100
+    moving = (0.7 * fixed + 20 * torch.rand(5000, dtype=torch.float64, generator=generator)).to(dtype)
+    fixed = fixed.to(dtype)
+    # the moving range leaves some intensities outside it: clamped, they get no gradient
+    fixed_range, moving_range = (0.0, 100.0), (10.0, 80.0)
+    assert _compiled_information_applies(fixed, moving)
+    ours = moving.clone().requires_grad_(True)
+    value = mutual_information(fixed, ours, bins=32, fixed_range=fixed_range, moving_range=moving_range)
+    (gradient,) = torch.autograd.grad(value, ours)
+    theirs = moving.clone().requires_grad_(True)
+    reference = mutual_information_of_histogram(joint_histogram(
+        parzen_taps(fixed, low=fixed_range[0], high=fixed_range[1], bins=32),
+        parzen_taps(theirs, low=moving_range[0], high=moving_range[1], bins=32), bins=32))
+    (expected,) = torch.autograd.grad(reference, theirs)
+    assert value.dtype == dtype and gradient.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert abs(float(value.detach()) - float(reference.detach())) <= tolerance * float(reference.detach())
+    assert float((gradient - expected).abs().max()) <= tolerance * float(expected.abs().max())
+    clamped = (moving < moving_range[0]) | (moving > moving_range[1])
+    assert int(clamped.sum()) > 100 and torch.all(gradient[clamped] == 0)
+    assert int((gradient[~clamped] != 0).sum()) > 0.9 * int((~clamped).sum())
+    # under an emulated format the torch expression runs, so that every operation is rounded
+    with VirtualPrecision("bf16"):
+        assert not _compiled_information_applies(fixed.float(), moving.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_warp_samples_at_identity_plus_displacement_without_building_coordinates(generator, dtype):
+    from dynomp.registration.transforms import warp
+
+    shape = (12, 15, 11)
+    volume = torch.rand(2, *shape, dtype=dtype, generator=generator)
+    # large enough that some points leave the grid and get clamped
+    displacement = 4 * torch.randn(3, *shape, dtype=dtype, generator=generator)
+    weights = torch.rand(2, *shape, dtype=dtype, generator=generator)
+    ours = displacement.clone().requires_grad_(True)
+    values = warp(volume, ours)
+    (gradient,) = torch.autograd.grad((values * weights).sum(), ours)
+    theirs = displacement.clone().requires_grad_(True)
+    expected = sample(volume, identity_coordinates(shape, dtype=dtype) + theirs)
+    (reference,) = torch.autograd.grad((expected * weights).sum(), theirs)
+    assert values.shape == (2, *shape) and values.dtype == dtype
+    assert torch.equal(values, expected.detach()) and torch.equal(gradient, reference)
+    assert int((gradient == 0).sum()) > 0 and int((gradient != 0).sum()) > 0.5 * gradient.numel()
+    with pytest.raises(ValueError, match=r"displaced_sample: expected \(C, D, H, W\) and \(3, D, H, W\)"):
+        from dynomp.registration.interpolation import displaced_sample
+
+        displaced_sample(volume, displacement[:2])

@@ -3,18 +3,24 @@
 torch's CPU `grid_sample` has a vectorised kernel for 2-D images only; its 3-D kernel is a scalar
 loop whose float32 run is no faster than its float64 run. It took about 45 % of a registration's
 time, and that share did not shrink with the format. This module is the same interpolation,
-compiled by numba: one loop over the points, the arithmetic in the volume's own dtype (float32
-stays float32). On a 65 x 77 x 63 volume it takes 8.4 ms where `grid_sample` on 2 threads takes
-17.7 ms, and 20.9 ms against 42.9 ms for the value and its gradient. The loop is serial on
-purpose: with a second thread pool beside torch's OpenMP threads (numba's OpenMP or workqueue
-layer), the two pools spun against each other on a 2-core machine and whole registrations took
-anywhere from 16 to 56 s.
+compiled by numba: loops over the points, the arithmetic in the volume's own dtype (float32 stays
+float32), one channel at a time over flat views of the volume.
 
-`trilinear_sample(volume, coordinates)` is an autograd function: values of a (C, D, H, W) volume at
-voxel coordinates (3, N), and on the way back the gradient with respect to the coordinates (the
-registration never differentiates with respect to the image). Coordinates outside the grid are
-clamped to it, which is `grid_sample`'s `padding_mode="border"` with `align_corners=True`: values
-at the nearest border point, zero gradient along a clamped axis.
+- `trilinear_sample(volume, coordinates)`: values of a (C, D, H, W) volume at voxel coordinates
+  (3, N).
+- `displaced_sample(volume, displacement)`: values at x + u(x) for every voxel x of a field's grid,
+  without building those coordinates (`transforms.warp`, every SyN iteration).
+
+Both are autograd functions: on the way back, the gradient with respect to the coordinates or the
+displacement (the registration never differentiates with respect to the image). Coordinates
+outside the grid are clamped to it, which is `grid_sample`'s `padding_mode="border"` with
+`align_corners=True`: values at the nearest border point, zero gradient along a clamped axis.
+
+Threads. A call with enough points is split into as many chunks as torch has threads; the kernels
+release the GIL, and the chunks other than the caller's run on plain Python threads that wait on a
+future between calls (`run_split`). numba's own thread pools (OpenMP or workqueue) were tried
+first: they spun beside torch's OpenMP threads on a 2-core machine, and whole registrations took
+anywhere from 16 to 56 s. Timings are in docs/benchmarks.md.
 
 The kernels are compiled on first use and cached on disk (numba's `cache=True`), so a later process
 loads them in a fraction of a second.
@@ -22,80 +28,169 @@ loads them in a fraction of a second.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from numba import njit
 
+# below this many points a call runs on the calling thread alone: handing work to a second thread
+# costs tens of microseconds, more than a coarse level's whole sample
+_SPLIT_MINIMUM = 16384
 
-@njit(cache=True, nogil=True)
-def _cell(volume, coordinates, limits, n):  # pragma: no cover - compiled
-    """The cell point n lies in (border-clamped): its corner indices and the fractions within it."""
-    # every constant in the volume's dtype: a Python 0.0 or 1 would promote float32 to float64
-    zero = limits[0] - limits[0]
-    z = min(max(coordinates[0, n], zero), limits[0])
-    y = min(max(coordinates[1, n], zero), limits[1])
-    x = min(max(coordinates[2, n], zero), limits[2])
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _cell(z, y, x, limits, steps):  # pragma: no cover - compiled
+    """The cell of point (z, y, x), border-clamped: its lower corner's flat index, its fractions."""
+    real = limits.dtype.type  # every constant in the volume's dtype: float32 stays float32
+    zero = real(0)
+    z = min(max(z, zero), limits[0])
+    y = min(max(y, zero), limits[1])
+    x = min(max(x, zero), limits[2])
     # the lower corner; on the last voxel the cell below it (weight 1 on its upper corner)
-    z0 = min(np.floor(z), limits[3])
-    y0 = min(np.floor(y), limits[4])
-    x0 = min(np.floor(x), limits[5])
-    i0, j0, k0 = int(z0), int(y0), int(x0)
-    i1 = min(i0 + 1, volume.shape[1] - 1)
-    j1 = min(j0 + 1, volume.shape[2] - 1)
-    k1 = min(k0 + 1, volume.shape[3] - 1)
-    return i0, j0, k0, i1, j1, k1, z - z0, y - y0, x - x0
+    i = min(int(z), steps[3])
+    j = min(int(y), steps[4])
+    k = min(int(x), steps[5])
+    return i * steps[0] + j * steps[1] + k * steps[2], z - real(i), y - real(j), x - real(k)
 
 
-@njit(cache=True, nogil=True)
-def _forward(volume, coordinates, limits, out):  # pragma: no cover - compiled
-    for n in range(coordinates.shape[1]):
-        i0, j0, k0, i1, j1, k1, fz, fy, fx = _cell(volume, coordinates, limits, n)
-        for c in range(volume.shape[0]):
-            a = volume[c, i0, j0, k0] + fx * (volume[c, i0, j0, k1] - volume[c, i0, j0, k0])
-            b = volume[c, i0, j1, k0] + fx * (volume[c, i0, j1, k1] - volume[c, i0, j1, k0])
-            e = volume[c, i1, j0, k0] + fx * (volume[c, i1, j0, k1] - volume[c, i1, j0, k0])
-            f = volume[c, i1, j1, k0] + fx * (volume[c, i1, j1, k1] - volume[c, i1, j1, k0])
-            g = a + fy * (b - a)
-            h = e + fy * (f - e)
-            out[c, n] = g + fz * (h - g)
+@njit(cache=True, nogil=True, boundscheck=False)
+def _value(v, p, fz, fy, fx, steps):  # pragma: no cover - compiled
+    """Trilinear value of the 1-D volume view v in the cell at p."""
+    sz, sy, sx = steps[0], steps[1], steps[2]
+    a = v[p] + fx * (v[p + sx] - v[p])
+    b = v[p + sy] + fx * (v[p + sy + sx] - v[p + sy])
+    e = v[p + sz] + fx * (v[p + sz + sx] - v[p + sz])
+    f = v[p + sz + sy] + fx * (v[p + sz + sy + sx] - v[p + sz + sy])
+    g = a + fy * (b - a)
+    return g + fz * (e + fy * (f - e) - g)
 
 
-@njit(cache=True, nogil=True)
-def _backward(volume, coordinates, limits, grad_out, grad_coordinates):  # pragma: no cover - compiled
-    zero = limits[0] - limits[0]
-    for n in range(coordinates.shape[1]):
-        i0, j0, k0, i1, j1, k1, fz, fy, fx = _cell(volume, coordinates, limits, n)
-        gz, gy, gx = zero, zero, zero
-        for c in range(volume.shape[0]):
-            v000, v001 = volume[c, i0, j0, k0], volume[c, i0, j0, k1]
-            v010, v011 = volume[c, i0, j1, k0], volume[c, i0, j1, k1]
-            v100, v101 = volume[c, i1, j0, k0], volume[c, i1, j0, k1]
-            v110, v111 = volume[c, i1, j1, k0], volume[c, i1, j1, k1]
-            a = v000 + fx * (v001 - v000)
-            b = v010 + fx * (v011 - v010)
-            e = v100 + fx * (v101 - v100)
-            f = v110 + fx * (v111 - v110)
-            g = a + fy * (b - a)
-            h = e + fy * (f - e)
-            weight = grad_out[c, n]
-            gz += weight * (h - g)
-            gy += weight * ((b - a) + fz * ((f - e) - (b - a)))
-            low = (v001 - v000) + fy * ((v011 - v010) - (v001 - v000))
-            high = (v101 - v100) + fy * ((v111 - v110) - (v101 - v100))
-            gx += weight * (low + fz * (high - low))
-        # a coordinate clamped to the border does not move the value
-        grad_coordinates[0, n] = gz if zero < coordinates[0, n] < limits[0] else zero
-        grad_coordinates[1, n] = gy if zero < coordinates[1, n] < limits[1] else zero
-        grad_coordinates[2, n] = gx if zero < coordinates[2, n] < limits[2] else zero
+@njit(cache=True, nogil=True, boundscheck=False)
+def _partials(v, p, fz, fy, fx, steps):  # pragma: no cover - compiled
+    """The trilinear value's derivatives along z, y and x in the cell at p."""
+    sz, sy, sx = steps[0], steps[1], steps[2]
+    v000, v001 = v[p], v[p + sx]
+    v010, v011 = v[p + sy], v[p + sy + sx]
+    v100, v101 = v[p + sz], v[p + sz + sx]
+    v110, v111 = v[p + sz + sy], v[p + sz + sy + sx]
+    a = v000 + fx * (v001 - v000)
+    b = v010 + fx * (v011 - v010)
+    e = v100 + fx * (v101 - v100)
+    f = v110 + fx * (v111 - v110)
+    low = (v001 - v000) + fy * ((v011 - v010) - (v001 - v000))
+    high = (v101 - v100) + fy * ((v111 - v110) - (v101 - v100))
+    return (e + fy * (f - e)) - (a + fy * (b - a)), (b - a) + fz * ((f - e) - (b - a)), low + fz * (high - low)
 
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+@njit(cache=True, nogil=True, boundscheck=False)
+def _forward(volume, coordinates, limits, steps, out, start, stop):  # pragma: no cover - compiled
+    """Values at the points start..stop of `coordinates` (3, N)."""
+    # one channel at a time, over 1-D views: indexing the 2-D array inside the loop took 1.6x longer
+    for c in range(volume.shape[0]):
+        v, o = volume[c], out[c]
+        for n in range(start, stop):
+            p, fz, fy, fx = _cell(coordinates[0, n], coordinates[1, n], coordinates[2, n], limits, steps)
+            o[n] = _value(v, p, fz, fy, fx, steps)
 
 
-def _limits(volume: torch.Tensor) -> np.ndarray:
-    """The largest coordinate and the largest lower cell corner per axis, in the volume's dtype."""
+@njit(cache=True, nogil=True, boundscheck=False)
+def _backward(volume, coordinates, limits, steps, grad_out, grad_coordinates, start, stop):  # pragma: no cover
+    """Gradient with respect to the points start..stop of `coordinates`."""
+    zero = limits.dtype.type(0)
+    for n in range(start, stop):
+        grad_coordinates[0, n] = grad_coordinates[1, n] = grad_coordinates[2, n] = zero
+    for c in range(volume.shape[0]):
+        v, weights = volume[c], grad_out[c]
+        for n in range(start, stop):
+            z, y, x = coordinates[0, n], coordinates[1, n], coordinates[2, n]
+            p, fz, fy, fx = _cell(z, y, x, limits, steps)
+            dz, dy, dx = _partials(v, p, fz, fy, fx, steps)
+            weight = weights[n]
+            # a coordinate clamped to the border does not move the value
+            if zero < z < limits[0]:
+                grad_coordinates[0, n] += weight * dz
+            if zero < y < limits[1]:
+                grad_coordinates[1, n] += weight * dy
+            if zero < x < limits[2]:
+                grad_coordinates[2, n] += weight * dx
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _forward_displaced(volume, displacement, limits, steps, grid, out, start, stop):  # pragma: no cover
+    """Values at x + u(x) for the grid rows start..stop (a row: one (i, j), all k; grid: its H, W)."""
+    real = limits.dtype.type
+    for c in range(volume.shape[0]):
+        v, o = volume[c], out[c]
+        for row in range(start, stop):
+            i, j = real(row // grid[0]), real(row % grid[0])
+            for k in range(grid[1]):
+                n = row * grid[1] + k
+                p, fz, fy, fx = _cell(i + displacement[0, n], j + displacement[1, n], real(k) + displacement[2, n],
+                                      limits, steps)
+                o[n] = _value(v, p, fz, fy, fx, steps)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _backward_displaced(volume, displacement, limits, steps, grid, grad_out, grad_displacement, start,
+                        stop):  # pragma: no cover - compiled
+    """Gradient with respect to u for the grid rows start..stop."""
+    real = limits.dtype.type
+    zero = real(0)
+    for n in range(start * grid[1], stop * grid[1]):
+        grad_displacement[0, n] = grad_displacement[1, n] = grad_displacement[2, n] = zero
+    for c in range(volume.shape[0]):
+        v, weights = volume[c], grad_out[c]
+        for row in range(start, stop):
+            i, j = real(row // grid[0]), real(row % grid[0])
+            for k in range(grid[1]):
+                n = row * grid[1] + k
+                z, y, x = i + displacement[0, n], j + displacement[1, n], real(k) + displacement[2, n]
+                p, fz, fy, fx = _cell(z, y, x, limits, steps)
+                dz, dy, dx = _partials(v, p, fz, fy, fx, steps)
+                weight = weights[n]
+                if zero < z < limits[0]:
+                    grad_displacement[0, n] += weight * dz
+                if zero < y < limits[1]:
+                    grad_displacement[1, n] += weight * dy
+                if zero < x < limits[2]:
+                    grad_displacement[2, n] += weight * dx
+
+
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_workers: dict[int, ThreadPoolExecutor] = {}  # by size: torch's thread count less the calling thread
+
+
+def _geometry(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The largest coordinate per axis (in the volume's dtype); the flat steps to a cell's upper
+    corners and the largest lower corner per axis (integers). An axis of one voxel steps by 0."""
     sizes = volume.shape[1:]
-    return np.asarray([n - 1 for n in sizes] + [max(n - 2, 0) for n in sizes], dtype=_NUMPY_DTYPES[volume.dtype])
+    strides = (sizes[1] * sizes[2], sizes[2], 1)
+    limits = np.asarray([n - 1 for n in sizes], dtype=NUMPY_DTYPES[volume.dtype])
+    steps = np.asarray([s if n > 1 else 0 for s, n in zip(strides, sizes, strict=True)]
+                       + [max(n - 2, 0) for n in sizes], dtype=np.int64)
+    return limits, steps
+
+
+def run_split(kernel, *arguments: object, points: int, samples_per_point: int = 1) -> None:
+    """Call `kernel(*arguments, start, stop)` over the points, split across torch's thread count.
+
+    The kernels release the GIL, so the chunks run at once on plain Python threads that wait on a
+    future between calls rather than spinning, as numba's own pools did beside torch's.
+    """
+    threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+    if threads < 2 or points * samples_per_point < _SPLIT_MINIMUM:
+        kernel(*arguments, 0, points)
+        return
+    workers = _workers.get(threads - 1)
+    if workers is None:
+        workers = _workers[threads - 1] = ThreadPoolExecutor(threads - 1, thread_name_prefix="dynomp-sampler")
+    bounds = [points * part // threads for part in range(threads + 1)]
+    pending = [workers.submit(kernel, *arguments, bounds[part], bounds[part + 1]) for part in range(1, threads)]
+    kernel(*arguments, bounds[0], bounds[1])
+    for future in pending:
+        future.result()
 
 
 class _TrilinearSample(torch.autograd.Function):
@@ -104,7 +199,8 @@ class _TrilinearSample(torch.autograd.Function):
         volume = volume.detach().contiguous()
         coordinates = coordinates.detach().contiguous()
         out = torch.empty(volume.shape[0], coordinates.shape[1], dtype=volume.dtype)
-        _forward(volume.numpy(), coordinates.numpy(), _limits(volume), out.numpy())
+        run_split(_forward, volume.reshape(volume.shape[0], -1).numpy(), coordinates.numpy(), *_geometry(volume),
+             out.numpy(), points=coordinates.shape[1])
         ctx.save_for_backward(volume, coordinates)
         return out
 
@@ -112,9 +208,58 @@ class _TrilinearSample(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor]:
         volume, coordinates = ctx.saved_tensors
         grad_coordinates = torch.empty_like(coordinates)
-        _backward(volume.numpy(), coordinates.numpy(), _limits(volume),
-                  grad_out.detach().contiguous().numpy(), grad_coordinates.numpy())
+        run_split(_backward, volume.reshape(volume.shape[0], -1).numpy(), coordinates.numpy(), *_geometry(volume),
+             grad_out.detach().contiguous().numpy(), grad_coordinates.numpy(), points=coordinates.shape[1])
         return None, grad_coordinates
+
+
+class _DisplacedSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+        volume = volume.detach().contiguous()
+        displacement = displacement.detach().contiguous()
+        grid = np.asarray(displacement.shape[2:], dtype=np.int64)
+        flat = displacement.reshape(3, -1)
+        out = torch.empty(volume.shape[0], flat.shape[1], dtype=volume.dtype)
+        run_split(_forward_displaced, volume.reshape(volume.shape[0], -1).numpy(), flat.numpy(),
+                  *_geometry(volume), grid, out.numpy(), points=displacement.shape[1] * displacement.shape[2],
+                  samples_per_point=displacement.shape[3])
+        ctx.save_for_backward(volume, displacement)
+        return out.reshape(volume.shape[0], *displacement.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor]:
+        volume, displacement = ctx.saved_tensors
+        grid = np.asarray(displacement.shape[2:], dtype=np.int64)
+        gradient = torch.empty_like(displacement)
+        run_split(_backward_displaced, volume.reshape(volume.shape[0], -1).numpy(),
+                  displacement.reshape(3, -1).numpy(), *_geometry(volume), grid,
+                  grad_out.detach().contiguous().reshape(volume.shape[0], -1).numpy(),
+                  gradient.reshape(3, -1).numpy(), points=displacement.shape[1] * displacement.shape[2],
+                  samples_per_point=displacement.shape[3])
+        return None, gradient
+
+
+def _check(volume: torch.Tensor, points: torch.Tensor, name: str, points_dims: int) -> None:
+    if volume.dim() != 4 or points.dim() != points_dims or points.shape[0] != 3:
+        expected = "(3, N)" if points_dims == 2 else "(3, D, H, W)"
+        raise ValueError(f"{name}: expected (C, D, H, W) and {expected}, got {tuple(volume.shape)} "
+                         f"and {tuple(points.shape)}")
+    if volume.dtype != points.dtype or volume.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name}: both tensors must share float32 or float64, got {volume.dtype} "
+                         f"and {points.dtype}")
+    if volume.device.type != "cpu" or points.device.type != "cpu":
+        raise ValueError(f"{name}: CPU tensors only (CUDA uses grid_sample)")
+
+
+def displaced_sample(volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """Values of `volume` (C, D, H, W) at x + u(x) for every voxel x of u's grid (3, D', H', W').
+
+    `trilinear_sample` at identity + u without building those coordinates: a (C, D', H', W')
+    tensor, differentiable with respect to `displacement` only.
+    """
+    _check(volume, displacement, "displaced_sample", 4)
+    return _DisplacedSample.apply(volume, displacement)
 
 
 def trilinear_sample(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
@@ -122,19 +267,12 @@ def trilinear_sample(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.T
 
     CPU float32/float64 tensors of one dtype; differentiable with respect to `coordinates` only.
     """
-    if volume.dim() != 4 or coordinates.dim() != 2 or coordinates.shape[0] != 3:
-        raise ValueError(f"trilinear_sample: expected (C, D, H, W) and (3, N), got {tuple(volume.shape)} "
-                         f"and {tuple(coordinates.shape)}")
-    if volume.dtype != coordinates.dtype or volume.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"trilinear_sample: volume and coordinates must share float32 or float64, got "
-                         f"{volume.dtype} and {coordinates.dtype}")
-    if volume.device.type != "cpu" or coordinates.device.type != "cpu":
-        raise ValueError("trilinear_sample: CPU tensors only (CUDA uses grid_sample)")
+    _check(volume, coordinates, "trilinear_sample", 2)
     return _TrilinearSample.apply(volume, coordinates)
 
 
 def load_kernels() -> None:
-    """Compile or load both kernels for float32 and float64 now rather than on first use.
+    """Compile or load the kernels for float32 and float64 now rather than on first use.
 
     Loading takes about half a second and 70 MB (numba's compiler runtime) in a fresh process;
     a benchmark calls this before it measures its baseline, as it imports the rest of the code.
@@ -143,3 +281,8 @@ def load_kernels() -> None:
         volume = torch.zeros(1, 2, 2, 2, dtype=dtype)
         coordinates = torch.full((3, 1), 0.5, dtype=dtype, requires_grad=True)
         trilinear_sample(volume, coordinates).sum().backward()
+        displacement = torch.zeros(3, 2, 2, 2, dtype=dtype, requires_grad=True)
+        displaced_sample(volume, displacement).sum().backward()
+    from dynomp.registration.parzen import load_kernels as load_parzen_kernels
+
+    load_parzen_kernels()

@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from dynomp.registration.parzen import compiled_information
 from dynomp.registration.pyramid import axis_filter_matrix, filter_axes
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,13 +105,28 @@ def mutual_information(
     fixed_range: tuple[float, float],
     moving_range: tuple[float, float],
 ) -> torch.Tensor:
-    """Mattes mutual information (nats) of two equally long intensity vectors."""
+    """Mattes mutual information (nats) of two equally long intensity vectors.
+
+    On CPU float32/float64 vectors (and no emulated format) a compiled kernel computes it and its
+    gradient with respect to `moving` (`dynomp.registration.parzen`); elsewhere torch operations.
+    """
+    if _compiled_information_applies(fixed, moving):
+        return compiled_information(fixed.reshape(-1), moving.reshape(-1), bins=bins, padding=_PADDING_BINS,
+                                    fixed_range=fixed_range, moving_range=moving_range)
     joint = joint_histogram(
         parzen_taps(fixed, low=fixed_range[0], high=fixed_range[1], bins=bins),
         parzen_taps(moving, low=moving_range[0], high=moving_range[1], bins=bins),
         bins=bins,
     )
     return mutual_information_of_histogram(joint)
+
+
+def _compiled_information_applies(fixed: torch.Tensor, moving: torch.Tensor) -> bool:
+    return (
+        fixed.device.type == "cpu" and moving.device.type == "cpu" and fixed.dtype == moving.dtype
+        and moving.dtype in (torch.float32, torch.float64) and not fixed.requires_grad
+        and _get_current_dispatch_mode() is None
+    )
 
 
 def box_sum(volume: torch.Tensor, *, radius: int, dimensions: int | None = None) -> torch.Tensor:

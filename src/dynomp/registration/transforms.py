@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from dynomp.registration.interpolation import trilinear_sample
+from dynomp.registration.interpolation import displaced_sample, trilinear_sample
 
 
 def identity_coordinates(
@@ -205,6 +205,11 @@ def warp(
     volume: torch.Tensor, displacement: torch.Tensor, *, mode: str = "bilinear", padding: str = "border"
 ) -> torch.Tensor:
     """`volume` resampled at x + u(x) (both on the same grid)."""
+    if (displacement.shape[0] == 3 and displacement.dim() == 4
+            and _compiled_kernel_applies(volume, displacement, mode=mode, padding=padding)):
+        spatial = volume.shape[-3:]
+        values = displaced_sample(volume.reshape(-1, *spatial), displacement.to(volume.dtype))
+        return values.reshape(*volume.shape[:-3], *displacement.shape[1:])
     coordinates = identity_coordinates(
         displacement.shape[1:], dtype=displacement.dtype, device=displacement.device, cached=True
     )

@@ -1,7 +1,7 @@
 """Benchmark of the registration engine against ANTs and DIPY on one realistic 3 mm brain pair.
 
     .venv/bin/python benchmarks/registration.py [--threads 2] [--preset paper] [--seed 0] [--repeats 1]
-        [--arms ants-fp64 ants-fp32 dipy fp64 fp32 dynomp] [--out results/benchmarks/registration.json]
+        [--device cpu|cuda] [--arms ants-fp64 ants-fp32 dipy fp64 fp32 dynomp] [--out results/benchmarks/registration.json]
 
 The pair is built from the MNI152 2009a template that nilearn ships (T1, GM and WM maps at 1 mm):
 resampled to 3 mm, labelled CSF/GM/WM x left/right (six labels, split at the midline x = 0), and
@@ -12,7 +12,7 @@ rigid misalignment on top; both get Gaussian noise.
 Every arm runs on that pair, with the same thread count, in a fresh child process of its own
 (`--run-arm`), so that peak memories do not mix. ANTs and DIPY run once; the engine arms run
 `--repeats` times, interleaved (fp64, fp32, dynomp, fp64, ...), and report the median time and the
-median peak, because a shared machine's speed drifts by 10-30 % over minutes. Each child the child imports what the arm needs, loads
+median peak, because a shared machine's speed drifts by 10-30 % over minutes. Each child imports what the arm needs, loads
 the pair, records its resident memory, resets the kernel's peak counter (/proc/self/clear_refs),
 registers, and reports the peak (VmHWM) minus that baseline. Wall time covers the registration
 only (not loading, not warping the labels afterwards). Dice is the mean over the six labels of the
@@ -218,8 +218,12 @@ def load_volume(folder: Path, name: str) -> Any:
     return SimpleNamespace(data=np.asarray(image.dataobj), affine=image.affine)
 
 
-def run_engine_arm(arm: str, *, folder: Path, config: Any) -> dict[str, Any]:
-    """One engine arm: register_pair on the pair; time, memory, Dice, final losses, formats."""
+def run_engine_arm(arm: str, *, folder: Path, config: Any, device: str = "cpu") -> dict[str, Any]:
+    """One engine arm: register_pair on the pair; time, memory, Dice, final losses, formats.
+
+    On `cuda` the peak GPU memory (allocated by torch, above what the loaded pair holds) is measured
+    too; the wall time then includes the copies back to the host that register_pair's outputs need.
+    """
     import torch
 
     from dynomp.registration.interpolation import load_kernels
@@ -230,12 +234,22 @@ def run_engine_arm(arm: str, *, folder: Path, config: Any) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     # the compiled sampler is part of the code the arm imports: load it before the baseline
     load_kernels()
+    gpu = device == "cuda"
+    if gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch sees no CUDA device (a CPU wheel, or no GPU)")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_baseline = torch.cuda.memory_allocated()
     baseline = resident_bytes()
     reset_peak_resident()
     started = time.perf_counter()
-    result = register_pair(fixed=fixed, moving=moving, config=config, precision=arm)
+    result = register_pair(fixed=fixed, moving=moving, config=config, precision=arm, device=device)
+    if gpu:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     peak = peak_resident_bytes()
+    peak_gpu = torch.cuda.max_memory_allocated() - gpu_baseline if gpu else None
     warped = result.warp_moving(moving_labels.data, labels=True)
     dice_mean, dice_by_label = mean_dice(fixed_labels.data, warped)
     iterations: dict[str, int] = {}
@@ -247,6 +261,7 @@ def run_engine_arm(arm: str, *, folder: Path, config: Any) -> dict[str, Any]:
     return {
         "arm": arm, "status": result.status, "seconds": seconds,
         "peak_bytes_above_baseline": peak - baseline, "baseline_bytes": baseline,
+        "device": device, "peak_gpu_bytes": peak_gpu,
         "dice": dice_mean, "dice_by_label": dice_by_label, "final_losses": result.final_losses,
         "iterations": iterations, "seconds_by_format": result.seconds_by_format,
         "seconds_by_level": seconds_by_level,
@@ -362,13 +377,13 @@ def benchmark_config(preset: str, threads: int) -> Any:
     return dataclasses.replace(base, threads=threads)
 
 
-def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path) -> None:
+def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path, device: str = "cpu") -> None:
     """Child-process entry: run one arm and write its measurements as JSON."""
     from dynomp.atomic import write_json_atomic
 
     config = benchmark_config(preset, threads)
     if arm in ENGINE_ARMS:
-        result = run_engine_arm(arm, folder=folder, config=config)
+        result = run_engine_arm(arm, folder=folder, config=config, device=device)
     elif arm in ("ants-fp64", "ants-fp32"):
         result = run_ants_arm(arm, folder=folder, config=config)
     elif arm == "dipy":
@@ -392,16 +407,25 @@ def ratio(results: dict[str, dict[str, Any]], numerator: str, denominator: str, 
     """results[numerator][key] / results[denominator][key], NaN when either arm is missing."""
     if numerator not in results or denominator not in results:
         return math.nan
-    bottom = results[denominator][key]
-    return results[numerator][key] / bottom if bottom else math.nan
+    top, bottom = results[numerator].get(key), results[denominator].get(key)
+    return top / bottom if top is not None and bottom else math.nan
 
 
-def markdown_tables(results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """The absolute table, the ratio table and the per-level loss table, and the checks as data."""
-    lines = ["| arm | wall s | peak MB above imports | mean Dice | iterations |", "|---|---:|---:|---:|---:|"]
+def markdown_tables(results: dict[str, dict[str, Any]], *, device: str = "cpu") -> tuple[str, dict[str, Any]]:
+    """The absolute table, the ratio table and the per-level loss table, and the checks as data.
+
+    On `cuda` (the engine arms on the GPU; ANTs and DIPY always run on the CPU) the table adds the
+    peak GPU memory and the checks add the GPU targets.
+    """
+    gpu = device == "cuda"
+    lines = ["| arm | wall s | peak MB above imports | " + ("peak GPU MB | " if gpu else "")
+             + "mean Dice | iterations |", "|---|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|"]
     for arm, row in results.items():
+        gpu_cell = ""
+        if gpu:
+            gpu_cell = f"{row['peak_gpu_bytes'] / 2**20:.1f} | " if row.get("peak_gpu_bytes") is not None else "- | "
         lines.append(
-            f"| {arm} | {row['seconds']:.1f} | {row['peak_bytes_above_baseline'] / 2**20:.1f} | "
+            f"| {arm} | {row['seconds']:.1f} | {row['peak_bytes_above_baseline'] / 2**20:.1f} | {gpu_cell}"
             f"{row['dice']:.4f} | {sum(row['iterations'].values()) or '-'} |"
         )
     peers = [results[a]["dice"] for a in ("ants-fp64", "dipy") if a in results]
@@ -434,6 +458,10 @@ def markdown_tables(results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, 
         "max relative final-loss difference ants-fp32 vs ants-fp64": (
             largest_loss_difference("ants-fp32", "ants-fp64"), ""),
     }
+    if gpu:
+        checks["GPU: dynomp / fp32 wall"] = (ratio(results, "dynomp", "fp32", "seconds"), "<= 0.6")
+        checks["GPU: fp32 / ants-fp64 wall (CPU)"] = (ratio(results, "fp32", "ants-fp64", "seconds"), "<= 0.02")
+        checks["GPU: dynomp / fp32 peak GPU memory"] = (ratio(results, "dynomp", "fp32", "peak_gpu_bytes"), "")
     lines += ["", "| comparison | value | target |", "|---|---:|---|"]
     for name, (value, target) in checks.items():
         lines.append(f"| {name} | {value:.4g} | {target} |")
@@ -487,6 +515,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
                         help=f"arms to run (known: {', '.join(PEER_ARMS + ENGINE_ARMS)})")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the engine arms run (ANTs and DIPY run on the CPU)")
     parser.add_argument("--preset", choices=("paper", "quick"), default="paper")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
@@ -497,7 +527,8 @@ def main() -> None:
     parser.add_argument("--arm-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_arm:
-        run_arm(args.run_arm, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out)
+        run_arm(args.run_arm, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out,
+                device=args.device)
         return
     for arm in args.arms:
         if arm not in PEER_ARMS + ENGINE_ARMS:
@@ -526,7 +557,7 @@ def main() -> None:
             arm_out = folder / f"{arm}.json"
             completed = subprocess.run(
                 [sys.executable, __file__, "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
-                 "--preset", args.preset, "--threads", str(args.threads)],
+                 "--preset", args.preset, "--threads", str(args.threads), "--device", args.device],
                 env=environment, capture_output=True, text=True, check=False,
             )
             if completed.returncode != 0:
@@ -538,14 +569,14 @@ def main() -> None:
             print(f"{arm}: {row['seconds']:.1f} s, {row['peak_bytes_above_baseline'] / 2**20:.1f} MB, "
                   f"Dice {row['dice']:.4f}", flush=True)
     results = {arm: median_run(runs[arm]) for arm in args.arms if arm in runs}
-    table, checks = markdown_tables(results)
+    table, checks = markdown_tables(results, device=args.device)
     print()
     print(table)
     write_json_atomic(args.out, {
         "command": " ".join(["benchmarks/registration.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "repeats": args.repeats,
+        "repeats": args.repeats, "device": args.device,
         "pair": {"shape": list(pair["fixed"].shape), "voxel_mm": VOXEL_MM, "seed": args.seed,
                  "dice_before": before},
         "preset": args.preset, "results": results, "checks": checks, "table": table,

@@ -221,21 +221,24 @@ def test_freed_heap_pages_go_back_to_the_system():
 
 
 def test_work_is_split_over_torch_threads_and_covers_every_point_once():
-    from dynomp.registration import interpolation
+    from dynomp.threads import run_split
 
     calls = []
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        interpolation.run_split(lambda *arguments: calls.append(arguments), "volume", points=40000)
+        results = run_split(lambda name, start, stop: (name, start, stop), "volume", points=40000)
+        assert results == [("volume", 0, 20000), ("volume", 20000, 40000)]  # in chunk order
+        calls.clear()
+        run_split(lambda *arguments: calls.append(arguments), "volume", points=40000)
         assert sorted(calls) == [("volume", 0, 20000), ("volume", 20000, 40000)]
         calls.clear()
         # a small call stays on the calling thread: a hand-off costs more than the work
-        interpolation.run_split(lambda *arguments: calls.append(arguments), "volume", points=500)
+        run_split(lambda *arguments: calls.append(arguments), "volume", points=500)
         assert calls == [("volume", 0, 500)]
         calls.clear()
         torch.set_num_threads(1)
-        interpolation.run_split(lambda *arguments: calls.append(arguments), "volume", points=40000)
+        run_split(lambda *arguments: calls.append(arguments), "volume", points=40000)
         assert calls == [("volume", 0, 40000)]
     finally:
         torch.set_num_threads(previous)

@@ -16,11 +16,8 @@ displacement (the registration never differentiates with respect to the image). 
 outside the grid are clamped to it, which is `grid_sample`'s `padding_mode="border"` with
 `align_corners=True`: values at the nearest border point, zero gradient along a clamped axis.
 
-Threads. A call with enough points is split into as many chunks as torch has threads; the kernels
-release the GIL, and the chunks other than the caller's run on plain Python threads that wait on a
-future between calls (`run_split`). numba's own thread pools (OpenMP or workqueue) were tried
-first: they spun beside torch's OpenMP threads on a 2-core machine, and whole registrations took
-anywhere from 16 to 56 s. Timings are in docs/benchmarks.md.
+Threads. A call with enough points is split over torch's thread count (`dynomp.threads.run_split`).
+Timings are in docs/benchmarks.md.
 
 The kernels are compiled on first use and cached on disk (numba's `cache=True`), so a later process
 loads them in a fraction of a second.
@@ -28,16 +25,11 @@ loads them in a fraction of a second.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from numba import njit
 
-# below this many points a call runs on the calling thread alone: handing work to a second thread
-# costs tens of microseconds, more than a coarse level's whole sample
-_SPLIT_MINIMUM = 16384
+from dynomp.threads import run_split
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -159,7 +151,6 @@ def _backward_displaced(volume, displacement, limits, steps, grid, grad_out, gra
 
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-_workers: dict[int, ThreadPoolExecutor] = {}  # by size: torch's thread count less the calling thread
 
 
 def _geometry(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -171,26 +162,6 @@ def _geometry(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     steps = np.asarray([s if n > 1 else 0 for s, n in zip(strides, sizes, strict=True)]
                        + [max(n - 2, 0) for n in sizes], dtype=np.int64)
     return limits, steps
-
-
-def run_split(kernel, *arguments: object, points: int, samples_per_point: int = 1) -> None:
-    """Call `kernel(*arguments, start, stop)` over the points, split across torch's thread count.
-
-    The kernels release the GIL, so the chunks run at once on plain Python threads that wait on a
-    future between calls rather than spinning, as numba's own pools did beside torch's.
-    """
-    threads = min(torch.get_num_threads(), os.cpu_count() or 1)
-    if threads < 2 or points * samples_per_point < _SPLIT_MINIMUM:
-        kernel(*arguments, 0, points)
-        return
-    workers = _workers.get(threads - 1)
-    if workers is None:
-        workers = _workers[threads - 1] = ThreadPoolExecutor(threads - 1, thread_name_prefix="dynomp-sampler")
-    bounds = [points * part // threads for part in range(threads + 1)]
-    pending = [workers.submit(kernel, *arguments, bounds[part], bounds[part + 1]) for part in range(1, threads)]
-    kernel(*arguments, bounds[0], bounds[1])
-    for future in pending:
-        future.result()
 
 
 class _TrilinearSample(torch.autograd.Function):

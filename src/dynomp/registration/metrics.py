@@ -1,7 +1,9 @@
 """Similarity metrics, written as losses to minimise: Mattes mutual information, local CC, MSE.
 
-All three are plain differentiable torch expressions, so autograd gives the gradient with respect
-to transform parameters or displacement fields, in whatever dtype the images are held in.
+All three are differentiable, so autograd gives the gradient with respect to transform parameters
+or displacement fields, in whatever dtype the images are held in. MI and local CC have their
+gradients written out (`dynomp.registration.parzen` compiles MI's histogram and gradient for CPU
+float32/float64 tensors; elsewhere, and under an emulated format, MI is torch operations).
 
 - Mattes MI (Mattes et al. 2003, ANTs' `MI[...,32]`): a joint histogram of 32 x 32 bins built by
   Parzen windowing with a cubic B-spline kernel on both images, over a regular subsample of the

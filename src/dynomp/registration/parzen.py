@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from numba import njit
 
-from dynomp.registration.interpolation import NUMPY_DTYPES, run_split
+from dynomp.registration.interpolation import NUMPY_DTYPES
+from dynomp.threads import run_split
 
 
 @njit(cache=True, nogil=True, boundscheck=False)

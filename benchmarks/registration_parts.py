@@ -1,0 +1,139 @@
+"""Where an engine iteration's time goes, per format: the parts of a full-resolution iteration.
+
+    .venv/bin/python benchmarks/registration_parts.py [--shape 65 77 63] [--repeats 7] [--threads 2]
+
+Times each part the engine repeats at every iteration of the benchmark pair's finest level
+(65 x 77 x 63 voxels) in float64 and float32, on smooth random volumes and fields, and prints a
+Markdown table with fp32 / fp64 per part:
+
+- MI value and gradient at 25 % of the voxels (rigid and affine): compiled (`parzen`) and as
+  torch operations (what CUDA and the emulated formats run);
+- one image warped at x + u(x), value and gradient (SyN's evaluate warps two): the compiled
+  displaced sampler, and the sampler at coordinates built as identity + u;
+- a field composed with an update (SyN's step composes two);
+- local CC (radius 4), value and both gradients;
+- Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update);
+- the precision controller's observation of SyN's state (two fields and their gradients).
+
+Each round times every part in both formats in turn (mean of `--inner` calls after a warm-up
+call), and the table reports the median over `--repeats` rounds, so that drift in the machine's
+speed hits both formats alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from dynomp.precision.controller import PrecisionController
+from dynomp.registration.interpolation import load_kernels
+from dynomp.registration.metrics import (
+    joint_histogram,
+    local_cross_correlation,
+    mutual_information,
+    mutual_information_of_histogram,
+    parzen_taps,
+)
+from dynomp.registration.pyramid import smooth
+from dynomp.registration.transforms import compose, identity_coordinates, sample, warp
+
+
+def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    """The timed parts, each a no-argument callable, on data in `dtype`."""
+    generator = torch.Generator().manual_seed(0)
+
+    def smooth_random(*leading: int, sigma: float, scale: float = 1.0) -> torch.Tensor:
+        noise = torch.randn(*leading, *shape, dtype=torch.float64, generator=generator) * scale
+        return smooth(noise, sigma, dimensions=3).to(dtype)
+
+    fixed = smooth_random(sigma=1.0) + 1.0
+    moving = smooth_random(sigma=1.0) + 1.0
+    field = smooth_random(3, sigma=3.0, scale=20.0)
+    update = smooth_random(3, sigma=3.0, scale=5.0)
+    identity = identity_coordinates(shape, dtype=dtype)
+    samples = torch.arange(0, fixed.numel(), 4)
+    fixed_samples, moving_samples = fixed.reshape(-1)[samples], moving.reshape(-1)[samples]
+    fixed_range = (float(fixed.min()), float(fixed.max()))
+    moving_range = (float(moving.min()), float(moving.max()))
+
+    def mi_compiled() -> None:
+        values = moving_samples.clone().requires_grad_(True)
+        torch.autograd.grad(mutual_information(fixed_samples, values, bins=32, fixed_range=fixed_range,
+                                               moving_range=moving_range), values)
+
+    def mi_torch() -> None:
+        values = moving_samples.clone().requires_grad_(True)
+        joint = joint_histogram(parzen_taps(fixed_samples, low=fixed_range[0], high=fixed_range[1], bins=32),
+                                parzen_taps(values, low=moving_range[0], high=moving_range[1], bins=32), bins=32)
+        torch.autograd.grad(mutual_information_of_histogram(joint), values)
+
+    def warp_displaced() -> None:
+        displacement = field.clone().requires_grad_(True)
+        torch.autograd.grad(warp(moving, displacement).sum(), displacement)
+
+    def warp_coordinates() -> None:
+        displacement = field.clone().requires_grad_(True)
+        torch.autograd.grad(sample(moving, identity + displacement).sum(), displacement)
+
+    def cc() -> None:
+        a, b = fixed.clone().requires_grad_(True), moving.clone().requires_grad_(True)
+        torch.autograd.grad(local_cross_correlation(a, b, radius=4), [a, b])
+
+    controller = PrecisionController(["fp32", "fp64"], 5, "native", initial_format="fp64")
+    state, gradients = [field, field * 0.5], [update, update * 0.5]
+    controller.observe(state, gradients)
+
+    return {
+        "MI value + gradient, compiled (78,829 samples)": mi_compiled,
+        "MI value + gradient, torch operations": mi_torch,
+        "warp value + gradient, displaced sampler": warp_displaced,
+        "warp value + gradient, sampler at identity + u": warp_coordinates,
+        "compose a field with an update": lambda: compose(field, update),
+        "local CC r=4, value + both gradients": cc,
+        "smooth a 3-component field, sigma 3": lambda: smooth(update, 3.0, dimensions=3),
+        "controller observe (2 fields + 2 gradients)": lambda: controller.observe(state, gradients),
+    }
+
+
+def seconds(function: Callable[[], object], inner: int) -> float:
+    function()
+    started = time.perf_counter()
+    for _ in range(inner):
+        function()
+    return (time.perf_counter() - started) / inner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=[65, 77, 63])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.repeats < 1 or args.inner < 1:
+        parser.error("--repeats and --inner: must be at least 1")
+    torch.set_num_threads(args.threads)
+    load_kernels()
+    shape = tuple(args.shape)
+    dtypes = {"fp64": torch.float64, "fp32": torch.float32}
+    work = {name: parts(shape, dtype) for name, dtype in dtypes.items()}
+    timings: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for part in work["fp64"]:
+            for name in dtypes:
+                timings.setdefault((part, name), []).append(seconds(work[name][part], args.inner))
+    print(f"shape {shape}, {args.threads} threads, median of {args.repeats} rounds x {args.inner} calls\n")
+    print("| part | fp64 ms | fp32 ms | fp32 / fp64 |")
+    print("|---|---:|---:|---:|")
+    for part in work["fp64"]:
+        fp64 = 1e3 * statistics.median(timings[(part, "fp64")])
+        fp32 = 1e3 * statistics.median(timings[(part, "fp32")])
+        print(f"| {part} | {fp64:.2f} | {fp32:.2f} | {fp32 / fp64:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

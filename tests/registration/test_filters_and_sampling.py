@@ -321,3 +321,16 @@ def test_warp_samples_at_identity_plus_displacement_without_building_coordinates
         from dynomp.registration.interpolation import displaced_sample
 
         displaced_sample(volume, displacement[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_three_component_field_samples_as_its_components_do(generator, dtype):
+    from dynomp.registration.transforms import warp
+
+    shape = (9, 12, 10)
+    field = torch.rand(3, *shape, dtype=dtype, generator=generator)
+    displacement = 3 * torch.randn(3, *shape, dtype=dtype, generator=generator)
+    points = (torch.rand(3, 300, dtype=dtype, generator=generator) * 14 - 2)
+    # one cell lookup serves all three components: the same numbers as one component at a time
+    assert torch.equal(warp(field, displacement), torch.stack([warp(c, displacement) for c in field]))
+    assert torch.equal(sample(field, points), torch.stack([sample(c, points) for c in field]))

@@ -79,6 +79,14 @@ def _partials(v, p, fz, fy, fx, steps):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True, boundscheck=False)
 def _forward(volume, coordinates, limits, steps, out, start, stop):  # pragma: no cover - compiled
     """Values at the points start..stop of `coordinates` (3, N)."""
+    if volume.shape[0] == 3:  # a displacement field: one cell lookup for its three components
+        v0, v1, v2, o0, o1, o2 = volume[0], volume[1], volume[2], out[0], out[1], out[2]
+        for n in range(start, stop):
+            p, fz, fy, fx = _cell(coordinates[0, n], coordinates[1, n], coordinates[2, n], limits, steps)
+            o0[n] = _value(v0, p, fz, fy, fx, steps)
+            o1[n] = _value(v1, p, fz, fy, fx, steps)
+            o2[n] = _value(v2, p, fz, fy, fx, steps)
+        return
     # one channel at a time, over 1-D views: indexing the 2-D array inside the loop took 1.6x longer
     for c in range(volume.shape[0]):
         v, o = volume[c], out[c]
@@ -113,6 +121,18 @@ def _backward(volume, coordinates, limits, steps, grad_out, grad_coordinates, st
 def _forward_displaced(volume, displacement, limits, steps, grid, out, start, stop):  # pragma: no cover
     """Values at x + u(x) for the grid rows start..stop (a row: one (i, j), all k; grid: its H, W)."""
     real = limits.dtype.type
+    if volume.shape[0] == 3:  # a displacement field (compose): one cell lookup for its components
+        v0, v1, v2, o0, o1, o2 = volume[0], volume[1], volume[2], out[0], out[1], out[2]
+        for row in range(start, stop):
+            i, j = real(row // grid[0]), real(row % grid[0])
+            for k in range(grid[1]):
+                n = row * grid[1] + k
+                p, fz, fy, fx = _cell(i + displacement[0, n], j + displacement[1, n],
+                                      real(k) + displacement[2, n], limits, steps)
+                o0[n] = _value(v0, p, fz, fy, fx, steps)
+                o1[n] = _value(v1, p, fz, fy, fx, steps)
+                o2[n] = _value(v2, p, fz, fy, fx, steps)
+        return
     for c in range(volume.shape[0]):
         v, o = volume[c], out[c]
         for row in range(start, stop):

@@ -155,6 +155,7 @@ class LinearProblem:
         self.dimensions = images.fixed.data.dim()
         self.fixed_affine = images.fixed.affine
         self.moving_affine = images.moving.affine
+        self.moving_inverse = torch.linalg.inv(self.moving_affine.to(dtype=torch.float64))
         self.shape = tuple(images.fixed.data.shape)
         self.center = center
         self.loss = loss
@@ -192,7 +193,7 @@ class LinearProblem:
         parameters = self.parameters.detach().requires_grad_(True)
         coordinates = map_points(
             self.matrix(parameters), fixed_affine=self.fixed_affine,
-            moving_affine=self.moving_affine, points=self.points,
+            moving_affine=self.moving_affine, points=self.points, moving_inverse=self.moving_inverse,
         )
         moving_values = sample(self.moving, coordinates)
         if self.sample_index is not None:

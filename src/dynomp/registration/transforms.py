@@ -185,17 +185,19 @@ def affine_coordinates(
 
 
 def map_points(
-    transform: torch.Tensor, *, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, points: torch.Tensor
+    transform: torch.Tensor, *, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, points: torch.Tensor,
+    moving_inverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Moving-grid voxel coordinates M^-1 T F x of fixed-grid voxel coordinates x (D, ...)."""
+    """Moving-grid voxel coordinates M^-1 T F x of fixed-grid voxel coordinates x (D, ...).
+
+    `moving_inverse`: M^-1 in float64, for a caller that maps points at every iteration.
+    """
     dtype = transform.dtype
     device = transform.device
     dimensions = points.shape[0]
-    combined = (
-        torch.linalg.inv(moving_affine.to(device=device, dtype=torch.float64)).to(dtype)
-        @ transform
-        @ fixed_affine.to(device=device, dtype=dtype)
-    )
+    if moving_inverse is None:
+        moving_inverse = torch.linalg.inv(moving_affine.to(device=device, dtype=torch.float64))
+    combined = moving_inverse.to(device=device, dtype=dtype) @ transform @ fixed_affine.to(device=device, dtype=dtype)
     flat = points.reshape(dimensions, -1).to(dtype)
     mapped = torch.addmm(combined[:dimensions, dimensions, None], combined[:dimensions, :dimensions], flat)
     return mapped.reshape(points.shape)

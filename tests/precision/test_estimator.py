@@ -79,7 +79,7 @@ def test_fp16_state_does_not_overflow_the_norms():
     assert value == pytest.approx(math.log2(PMIN_CONSTANT * 2.0 * 2.0), rel=1e-3)
 
 
-def test_float32_norms_that_overflow_or_underflow_are_redone_in_float64():
+def test_float32_norms_neither_overflow_nor_underflow():
     from dynomp.precision.estimator import difference_norm, global_norm, step_statistics
 
     # squares of 1e30 overflow float32 and squares of 1e-30 underflow it; the norms are still exact

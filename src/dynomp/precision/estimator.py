@@ -9,9 +9,8 @@ and the step needs at least
 
     p_min = log2((4 + 3 sqrt(2)) * K * ||theta_t|| / ||g_t||)
 
-significand bits. Norms are global L2 norms over all tensors, each tensor's accumulated in float32
-(8- and 16-bit formats) or its own dtype, and redone in float64 where that overflows or underflows,
-so an fp16 state cannot overflow them.
+significand bits. Norms are global L2 norms over all tensors, accumulated in float64 so that an
+fp16 state cannot overflow them.
 """
 
 from __future__ import annotations
@@ -63,65 +62,43 @@ def check_same_shapes(
             )
 
 
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a norm of `dtype` values is accumulated in: fp32 for the 8- and 16-bit formats."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+def _squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares over all tensors, as a float64 tensor on their device (no host sync)."""
+    return torch.stack(
+        [torch.linalg.vector_norm(t.detach(), dtype=torch.float64) ** 2 for t in tensors]
+    ).sum()
 
 
-def _norms(pairs: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
-    """||a|| (b None) or ||a - b|| for each pair, in the working dtype, as float64 tensors.
-
-    Accumulating float32 values in float64 took 6x as long as in float32 (no vectorised path), and
-    the controller runs at every step; `_checked` redoes in float64 the few norms this overflows
-    or underflows.
-    """
-    norms = []
-    for a, b in pairs:
-        a = a.detach()
-        if b is None:
-            norm = torch.linalg.vector_norm(a, dtype=_working_dtype(a.dtype))
-        else:
-            common = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-            norm = torch.dist(a.to(common), b.detach().to(common))
-        norms.append(norm.to(torch.float64))
-    return norms
-
-
-def _norm64(a: torch.Tensor, b: torch.Tensor | None) -> float:
-    a = a.detach().to(torch.float64)
-    return float(torch.linalg.vector_norm(a if b is None else a - b.detach().to(torch.float64)))
-
-
-def _checked(values: list[float], pairs: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> list[float]:
-    """The norms, with every infinite, NaN or zero one recomputed in float64 (overflow, underflow)."""
-    return [value if math.isfinite(value) and value > 0.0 else _norm64(*pair)
-            for value, pair in zip(values, pairs, strict=True)]
-
-
-def _group_norm(norms: Sequence[float]) -> float:
-    return math.sqrt(math.fsum(norm * norm for norm in norms))
+def _squared_difference_norm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """||a - b||^2 over all tensors, each difference taken in the wider of the two dtypes."""
+    squares = []
+    for x, y in zip(a, b, strict=True):
+        x, y = x.detach(), y.detach()
+        common = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+        difference = x.to(common) - y.to(common)
+        squares.append(torch.linalg.vector_norm(difference, dtype=torch.float64) ** 2)
+    return torch.stack(squares).sum()
 
 
 def _max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Largest magnitude over all tensors, as a float64 tensor on their device."""
-    maxima = []
-    for tensor in tensors:
-        if tensor.numel():
-            low, high = torch.aminmax(tensor.detach())
-            maxima.append(torch.maximum(-low, high).double())
+    maxima = [t.detach().abs().max().double() for t in tensors if t.numel()]
     return torch.stack(maxima).max() if maxima else torch.zeros((), dtype=torch.float64)
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """L2 norm over all tensors (each in float32 or float64, see `_norms`)."""
-    pairs = [(tensor, None) for tensor in tensors]
-    return _group_norm(_checked([float(norm) for norm in _norms(pairs)], pairs))
+    """L2 norm over all tensors, accumulated in float64."""
+    return math.sqrt(float(_squared_norm(tensors)))
 
 
 def difference_norm(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """||a - b|| over all tensors, each difference taken in the wider of the two dtypes."""
-    pairs = list(zip(a, b, strict=True))
-    return _group_norm(_checked([float(norm) for norm in _norms(pairs)], pairs))
+    return math.sqrt(float(_squared_difference_norm(a, b)))
+
+
+def max_abs(tensors: Sequence[torch.Tensor]) -> float:
+    """The largest magnitude over all tensors (0.0 for all-zero or empty state)."""
+    return float(_max_abs(tensors))
 
 
 def step_statistics(
@@ -136,33 +113,27 @@ def step_statistics(
 
     Keys: param_norm, grad_norm, step_norm and grad_change_norm (NaN without a previous step),
     max_abs (NaN unless asked for). CPU float32/float64 states take one compiled pass per tensor
-    (`_compiled_sums`); others (CUDA, 8- and 16-bit dtypes) torch reductions.
+    (`_compiled_statistics`); others (CUDA, 8- and 16-bit dtypes) torch reductions in float64.
     """
     previous = [*prev_theta, *prev_grad] if prev_theta is not None and prev_grad is not None else None
     if _compiled_applies([*theta, *grad, *(previous or [])]):
         return _compiled_statistics(theta, grad, previous, with_max_abs=with_max_abs)
-    groups: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [
-        [(t, None) for t in theta], [(g, None) for g in grad],
-    ]
+    nan = torch.full((), math.nan, dtype=torch.float64, device=theta[0].device)
+    values = [_squared_norm(theta), _squared_norm(grad)]
     if prev_theta is not None and prev_grad is not None:
-        groups += [list(zip(theta, prev_theta, strict=True)), list(zip(grad, prev_grad, strict=True))]
-    pairs = [pair for group in groups for pair in group]
-    values = _norms(pairs)
-    if with_max_abs:
-        values.append(torch.maximum(_max_abs(theta), _max_abs(grad)).to(values[0].device))
-    fetched = torch.stack([v.to(values[0].device) for v in values]).tolist()
-    norms = _checked(fetched[: len(pairs)], pairs)
-    results, start = [], 0
-    for group in groups:
-        results.append(_group_norm(norms[start : start + len(group)]))
-        start += len(group)
-    results += [math.nan] * (4 - len(results))
+        values += [_squared_difference_norm(theta, prev_theta),
+                   _squared_difference_norm(grad, prev_grad)]
+    else:
+        values += [nan, nan]
+    values.append(torch.maximum(_max_abs(theta), _max_abs(grad)).to(nan.device)
+                  if with_max_abs else nan)
+    squares = torch.stack([v.to(nan.device) for v in values]).tolist()
     return {
-        "param_norm": results[0],
-        "grad_norm": results[1],
-        "step_norm": results[2],
-        "grad_change_norm": results[3],
-        "max_abs": fetched[-1] if with_max_abs else math.nan,
+        "param_norm": math.sqrt(squares[0]),
+        "grad_norm": math.sqrt(squares[1]),
+        "step_norm": math.sqrt(squares[2]),
+        "grad_change_norm": math.sqrt(squares[3]),
+        "max_abs": squares[4],
     }
 
 
@@ -208,7 +179,8 @@ def _compiled_statistics(theta: Sequence[torch.Tensor], grad: Sequence[torch.Ten
     Accumulating in float64 needs no overflow or underflow check, and reading each tensor once
     (norm, difference norm and maximum together, no difference tensor) took the controller's
     observation of SyN's full-resolution state from 23 to 14 ms in float64 and from 20 to 13 ms in
-    float32 (benchmarks/registration_parts.py; the rest is the copies the controller keeps).
+    float32, against torch reductions in each tensor's own dtype (benchmarks/registration_parts.py;
+    the rest is the copies the controller keeps).
     """
     tensors = [*theta, *grad]
     sums = [_compiled_sums(t, None if previous is None else p)

@@ -25,10 +25,14 @@ loads them in a fraction of a second.
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 import numpy as np
 import torch
 from numba import njit
 
+from dynomp import native
 from dynomp.threads import run_split
 
 
@@ -173,6 +177,52 @@ def _backward_displaced(volume, displacement, limits, steps, grid, grad_out, gra
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+_POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of the split last
+    "sample_points": [_POINTER, *[_SIZE] * 4, _POINTER, _SIZE, _POINTER, _SIZE, _SIZE],
+    "sample_points_backward": [_POINTER, *[_SIZE] * 4, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _SIZE],
+    "sample_displaced": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _SIZE, _SIZE],
+    "sample_displaced_backward": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _SIZE],
+}
+_SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+_native_kernels: dict[tuple[str, torch.dtype], Any] | None = None
+_native_threads = False  # True where the C kernels split their loops over OpenMP threads themselves
+# flat voxel indices in the C kernels are 32-bit
+_NATIVE_CHANNEL_LIMIT = 2**31 - 1
+
+
+def native_kernels() -> dict[tuple[str, torch.dtype], Any]:
+    """The C kernels by (name, dtype), compiled for this machine on first use (`dynomp.native`);
+    empty where no C compiler is available or `DYNOMP_NATIVE=0`: the numba kernels run then."""
+    global _native_kernels, _native_threads
+    if _native_kernels is None:
+        library = native.library("registration/sampler")
+        _native_kernels = {}
+        if library is not None:
+            _native_threads = bool(library.sampler_threads())
+            for name, arguments in _SIGNATURES.items():
+                for dtype, suffix in _SUFFIXES.items():
+                    kernel = getattr(library, f"{name}_{suffix}")
+                    kernel.argtypes, kernel.restype = arguments, None
+                    _native_kernels[name, dtype] = kernel
+    return _native_kernels
+
+
+def _run_native(kernel: Any, *arguments: object, points: int, samples_per_point: int = 1) -> None:
+    """A C kernel over 0..points: one call where it splits its loops itself, else `run_split`."""
+    if _native_threads:
+        kernel(*arguments, 0, points)
+    else:
+        run_split(kernel, *arguments, points=points, samples_per_point=samples_per_point)
+
+
+def _native(name: str, volume: torch.Tensor) -> Any:
+    """The C kernel `name` for this volume's dtype, or None (no compiler, or too large a channel)."""
+    if volume[0].numel() > _NATIVE_CHANNEL_LIMIT:
+        return None
+    return native_kernels().get((name, volume.dtype))
+
+
 def _geometry(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The largest coordinate per axis (in the volume's dtype); the flat steps to a cell's upper
     corners and the largest lower corner per axis (integers). An axis of one voxel steps by 0."""
@@ -190,8 +240,13 @@ class _TrilinearSample(torch.autograd.Function):
         volume = volume.detach().contiguous()
         coordinates = coordinates.detach().contiguous()
         out = torch.empty(volume.shape[0], coordinates.shape[1], dtype=volume.dtype)
-        run_split(_forward, volume.reshape(volume.shape[0], -1).numpy(), coordinates.numpy(), *_geometry(volume),
-             out.numpy(), points=coordinates.shape[1])
+        kernel = _native("sample_points", volume)
+        if kernel is not None:
+            _run_native(kernel, volume.data_ptr(), *volume.shape, coordinates.data_ptr(), coordinates.shape[1],
+                      out.data_ptr(), points=coordinates.shape[1])
+        else:
+            run_split(_forward, volume.reshape(volume.shape[0], -1).numpy(), coordinates.numpy(),
+                      *_geometry(volume), out.numpy(), points=coordinates.shape[1])
         ctx.save_for_backward(volume, coordinates)
         return out
 
@@ -199,8 +254,14 @@ class _TrilinearSample(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor]:
         volume, coordinates = ctx.saved_tensors
         grad_coordinates = torch.empty_like(coordinates)
-        run_split(_backward, volume.reshape(volume.shape[0], -1).numpy(), coordinates.numpy(), *_geometry(volume),
-             grad_out.detach().contiguous().numpy(), grad_coordinates.numpy(), points=coordinates.shape[1])
+        grad_out = grad_out.detach().contiguous()
+        kernel = _native("sample_points_backward", volume)
+        if kernel is not None:
+            _run_native(kernel, volume.data_ptr(), *volume.shape, coordinates.data_ptr(), coordinates.shape[1],
+                      grad_out.data_ptr(), grad_coordinates.data_ptr(), points=coordinates.shape[1])
+        else:
+            run_split(_backward, volume.reshape(volume.shape[0], -1).numpy(), coordinates.numpy(),
+                      *_geometry(volume), grad_out.numpy(), grad_coordinates.numpy(), points=coordinates.shape[1])
         return None, grad_coordinates
 
 
@@ -212,9 +273,14 @@ class _DisplacedSample(torch.autograd.Function):
         grid = np.asarray(displacement.shape[2:], dtype=np.int64)
         flat = displacement.reshape(3, -1)
         out = torch.empty(volume.shape[0], flat.shape[1], dtype=volume.dtype)
-        run_split(_forward_displaced, volume.reshape(volume.shape[0], -1).numpy(), flat.numpy(),
-                  *_geometry(volume), grid, out.numpy(), points=displacement.shape[1] * displacement.shape[2],
-                  samples_per_point=displacement.shape[3])
+        rows = displacement.shape[1] * displacement.shape[2]
+        kernel = _native("sample_displaced", volume)
+        if kernel is not None:
+            _run_native(kernel, volume.data_ptr(), *volume.shape, displacement.data_ptr(), *displacement.shape[2:],
+                      flat.shape[1], out.data_ptr(), points=rows, samples_per_point=displacement.shape[3])
+        else:
+            run_split(_forward_displaced, volume.reshape(volume.shape[0], -1).numpy(), flat.numpy(),
+                      *_geometry(volume), grid, out.numpy(), points=rows, samples_per_point=displacement.shape[3])
         ctx.save_for_backward(volume, displacement)
         return out.reshape(volume.shape[0], *displacement.shape[1:])
 
@@ -223,11 +289,18 @@ class _DisplacedSample(torch.autograd.Function):
         volume, displacement = ctx.saved_tensors
         grid = np.asarray(displacement.shape[2:], dtype=np.int64)
         gradient = torch.empty_like(displacement)
-        run_split(_backward_displaced, volume.reshape(volume.shape[0], -1).numpy(),
-                  displacement.reshape(3, -1).numpy(), *_geometry(volume), grid,
-                  grad_out.detach().contiguous().reshape(volume.shape[0], -1).numpy(),
-                  gradient.reshape(3, -1).numpy(), points=displacement.shape[1] * displacement.shape[2],
-                  samples_per_point=displacement.shape[3])
+        grad_out = grad_out.detach().contiguous()
+        rows = displacement.shape[1] * displacement.shape[2]
+        kernel = _native("sample_displaced_backward", volume)
+        if kernel is not None:
+            _run_native(kernel, volume.data_ptr(), *volume.shape, displacement.data_ptr(), *displacement.shape[2:],
+                      displacement[0].numel(), grad_out.data_ptr(), gradient.data_ptr(), points=rows,
+                      samples_per_point=displacement.shape[3])
+        else:
+            run_split(_backward_displaced, volume.reshape(volume.shape[0], -1).numpy(),
+                      displacement.reshape(3, -1).numpy(), *_geometry(volume), grid,
+                      grad_out.reshape(volume.shape[0], -1).numpy(), gradient.reshape(3, -1).numpy(), points=rows,
+                      samples_per_point=displacement.shape[3])
         return None, gradient
 
 
@@ -268,6 +341,7 @@ def load_kernels() -> None:
     Loading takes about half a second and 70 MB (numba's compiler runtime) in a fresh process;
     a benchmark calls this before it measures its baseline, as it imports the rest of the code.
     """
+    native_kernels()
     for dtype in (torch.float32, torch.float64):
         volume = torch.zeros(1, 2, 2, 2, dtype=dtype)
         coordinates = torch.full((3, 1), 0.5, dtype=dtype, requires_grad=True)

@@ -12,6 +12,7 @@ from dynomp import native
 from dynomp.registration import interpolation
 from dynomp.registration.transforms import identity_coordinates
 
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(7)

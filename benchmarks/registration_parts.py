@@ -9,8 +9,9 @@ Markdown table with fp32 / fp64 per part:
 - MI value and gradient at 25 % of the voxels (rigid and affine): compiled (`parzen`) and as
   torch operations (what CUDA and the emulated formats run);
 - one image warped at x + u(x), value and gradient (SyN's evaluate warps two): the compiled
-  displaced sampler, and the sampler at coordinates built as identity + u;
-- a field composed with an update (SyN's step composes two);
+  displaced sampler, the sampler at coordinates built as identity + u, and the displaced sampler's
+  numba fallback (what runs where there is no C compiler);
+- a field composed with an update (SyN's step composes two), with the C sampler and with numba's;
 - local CC (radius 4), value and both gradients;
 - Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update);
 - the precision controller's observation of SyN's state (two fields and their gradients).
@@ -30,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from dynomp.precision.controller import PrecisionController
+from dynomp.registration import interpolation
 from dynomp.registration.interpolation import load_kernels
 from dynomp.registration.metrics import (
     joint_histogram,
@@ -40,6 +42,18 @@ from dynomp.registration.metrics import (
 )
 from dynomp.registration.pyramid import smooth
 from dynomp.registration.transforms import compose, identity_coordinates, sample, warp
+
+
+def numba_sampler(function: Callable[[], object]) -> Callable[[], None]:
+    """`function` with the sampler's C kernels set aside: the numba fallback runs."""
+    def run() -> None:
+        kept = interpolation.native_kernels()
+        interpolation._native_kernels = {}
+        try:
+            function()
+        finally:
+            interpolation._native_kernels = kept
+    return run
 
 
 def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable[[], object]]:
@@ -92,7 +106,9 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         "MI value + gradient, torch operations": mi_torch,
         "warp value + gradient, displaced sampler": warp_displaced,
         "warp value + gradient, sampler at identity + u": warp_coordinates,
+        "warp value + gradient, displaced sampler, numba fallback": numba_sampler(warp_displaced),
         "compose a field with an update": lambda: compose(field, update),
+        "compose a field with an update, numba fallback": numba_sampler(lambda: compose(field, update)),
         "local CC r=4, value + both gradients": cc,
         "smooth a 3-component field, sigma 3": lambda: smooth(update, 3.0, dimensions=3),
         "controller observe (2 fields + 2 gradients)": lambda: controller.observe(state, gradients),

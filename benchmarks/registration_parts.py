@@ -12,8 +12,9 @@ Markdown table with fp32 / fp64 per part:
   displaced sampler, the sampler at coordinates built as identity + u, and the displaced sampler's
   numba fallback (what runs where there is no C compiler);
 - a field composed with an update (SyN's step composes two), with the C sampler and with numba's;
-- local CC (radius 4), value and both gradients;
-- Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update);
+- local CC (radius 4), value and both gradients, with the C filter's box sums and with BLAS matrix
+  products (the fallback);
+- Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update), C filter and BLAS;
 - the precision controller's observation of SyN's state (two fields and their gradients).
 
 Each round times every part in both formats in turn (mean of `--inner` calls after a warm-up
@@ -31,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from dynomp.precision.controller import PrecisionController
-from dynomp.registration import interpolation
+from dynomp.registration import interpolation, pyramid
 from dynomp.registration.interpolation import load_kernels
 from dynomp.registration.metrics import (
     joint_histogram,
@@ -53,6 +54,18 @@ def numba_sampler(function: Callable[[], object]) -> Callable[[], None]:
             function()
         finally:
             interpolation._native_kernels = kept
+    return run
+
+
+def matrix_filters(function: Callable[[], object]) -> Callable[[], None]:
+    """`function` with the C separable filter set aside: the BLAS matrix products run."""
+    def run() -> None:
+        kept = pyramid.filter_kernels()
+        pyramid._filter_kernels = {}
+        try:
+            function()
+        finally:
+            pyramid._filter_kernels = kept
     return run
 
 
@@ -110,7 +123,9 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         "compose a field with an update": lambda: compose(field, update),
         "compose a field with an update, numba fallback": numba_sampler(lambda: compose(field, update)),
         "local CC r=4, value + both gradients": cc,
+        "local CC r=4, value + both gradients, BLAS box sums": matrix_filters(cc),
         "smooth a 3-component field, sigma 3": lambda: smooth(update, 3.0, dimensions=3),
+        "smooth a 3-component field, sigma 3, BLAS": matrix_filters(lambda: smooth(update, 3.0, dimensions=3)),
         "controller observe (2 fields + 2 gradients)": lambda: controller.observe(state, gradients),
     }
 

@@ -1,15 +1,17 @@
 """C kernels compiled on first use for the machine they run on, loaded through ctypes.
 
-Some of the engine's loops (the trilinear sampler) gather values at computed addresses. A C
-compiler at `-O3 -march=native` turns those loops into SIMD code with gather instructions, 16
-float32 or 8 float64 points at a time on AVX-512, so that float32 costs about half of float64 there;
-numba's loops, the fallback, stay scalar and cost the same in both formats (docs/benchmarks.md).
+Some of the engine's loops (the trilinear sampler) gather values at computed addresses; others
+(separable filters) are cheaper as loops over a kernel's taps than as BLAS matrix products. A C
+compiler at `-O3 -march=native` turns those loops into SIMD code (with gather instructions where
+they gather), 16 float32 or 8 float64 values at a time on AVX-512, so that float32 costs about half
+of float64 there; numba's loops, the sampler's fallback, stay scalar and cost the same in both
+formats (docs/benchmarks.md).
 
 `library(name)` compiles `dynomp/<name>.c` (name: a path inside the package, such as
-"registration/sampler") with the system C compiler (`$CC`, else `cc`) into a
-cache folder, once per source, compiler and CPU, and returns the loaded library, or None where
-there is no compiler, the build fails, or `DYNOMP_NATIVE=0`; the caller then keeps its numba
-kernels. The build writes a temporary file and renames it into place, so concurrent jobs that
+"registration/sampler") with the system C compiler (`$CC`, else `cc`) into a cache folder, once
+per source, compiler and CPU, and returns the loaded library, or None where there is no compiler,
+the build fails, or `DYNOMP_NATIVE=0`; the caller then keeps its fallback (numba kernels, or torch
+operations). The build writes a temporary file and renames it into place, so concurrent jobs that
 build the same library never load a half-written one.
 
 Cache folder: `$DYNOMP_CACHE_DIR`, else `$XDG_CACHE_HOME/dynomp` (`~/.cache/dynomp`), else, if that
@@ -127,8 +129,9 @@ def build(name: str, *, folder: Path | None = None) -> Path:
     raise RuntimeError(f"{source}: the C compiler failed: {errors[-1]}")
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The compiled library `name`, built and loaded once per process; None where unavailable."""
+def library(name: str, *, fallback: str = "the numba kernels") -> ctypes.CDLL | None:
+    """The compiled library `name`, built and loaded once per process; None where unavailable
+    (the warning then says that `fallback` runs instead)."""
     if name in _loaded:
         return _loaded[name]
     loaded = None
@@ -136,6 +139,6 @@ def library(name: str) -> ctypes.CDLL | None:
         try:
             loaded = ctypes.CDLL(str(build(name)))
         except (OSError, RuntimeError) as error:
-            log.warning("%s; the numba kernels run instead", error)
+            log.warning("%s; %s run instead", error, fallback)
     _loaded[name] = loaded
     return loaded

@@ -252,3 +252,30 @@ def test_observe_max_abs_keeps_formats_whose_range_is_too_small_out():
                                   initial_format="fp32")
     allowed.observe(parameters, [torch.tensor([1.0, 1.0, 1.0])])
     assert allowed.observe(moved, gradient, max_abs=100.0) == "fp16"
+
+
+def test_the_previous_step_is_kept_in_the_controllers_own_copies_without_new_ones():
+    generator = torch.Generator().manual_seed(5)
+    steps = [(torch.randn(2, 50, generator=generator), torch.randn(2, 50, generator=generator)) for _ in range(4)]
+    controller = PrecisionController(window=2, execution="native")
+    controller.observe([steps[0][0]], [steps[0][1]])
+    copies = (controller._previous_parameters[0], controller._previous_gradients[0])
+    assert copies[0] is not steps[0][0] and torch.equal(copies[0], steps[0][0])
+    saved = controller.state_dict()
+    for theta, grad in steps[1:]:
+        controller.observe([theta], [grad])
+        # the same buffers, overwritten with the latest step
+        assert controller._previous_parameters[0] is copies[0] and torch.equal(copies[0], theta)
+        assert controller._previous_gradients[0] is copies[1] and torch.equal(copies[1], grad)
+    # a checkpoint holds copies, untouched by the steps after it
+    assert torch.equal(saved["previous_parameters"][0], steps[0][0])
+    # the statistics equal the ones from fresh copies at every step
+    fresh = PrecisionController(window=2, execution="native")
+    for theta, grad in steps:
+        fresh.observe([theta], [grad])
+        fresh._previous_parameters = [fresh._previous_parameters[0].clone()]
+        fresh._previous_gradients = [fresh._previous_gradients[0].clone()]
+    for ours, theirs in zip(controller.trace, fresh.trace, strict=True):
+        for key in ("pmin", "lipschitz", "grad_norm", "param_norm"):
+            assert ours[key] == theirs[key] or (math.isnan(ours[key]) and math.isnan(theirs[key])), key
+    assert not math.isnan(controller.trace[-1]["pmin"])

@@ -113,3 +113,24 @@ def test_float32_norms_neither_overflow_nor_underflow():
 def test_bad_input_names_the_argument(arguments, name):
     with pytest.raises(ValueError, match=f"^{name}"):
         estimate_pmin(*arguments)
+
+
+def test_step_statistics_keep_overwrites_the_previous_step_in_the_same_pass():
+    from dynomp.precision.estimator import step_statistics
+
+    theta, grad = [torch.tensor([3.0, 4.0])], [torch.tensor([1.0, -2.0])]
+    previous_theta, previous_grad = [torch.tensor([0.0, 4.0])], [torch.tensor([1.0, 0.0])]
+    stats = step_statistics(theta, grad, previous_theta, previous_grad, with_max_abs=True, keep=True)
+    assert (stats["param_norm"], stats["grad_norm"]) == (5.0, pytest.approx(math.sqrt(5)))
+    assert (stats["step_norm"], stats["grad_change_norm"], stats["max_abs"]) == (3.0, 2.0, 4.0)
+    assert stats["kept"] == 1.0
+    assert torch.equal(previous_theta[0], theta[0]) and torch.equal(previous_grad[0], grad[0])
+    # a previous step in another dtype is not the caller's to overwrite: nothing is written
+    other = [torch.tensor([0.0, 4.0], dtype=torch.float64)]
+    again = step_statistics(theta, grad, other, [grad[0].double()], keep=True)
+    assert again["kept"] == 0.0 and again["step_norm"] == 3.0
+    assert torch.equal(other[0], torch.tensor([0.0, 4.0], dtype=torch.float64))
+    # without keep, nothing is written either
+    unchanged = [torch.tensor([0.0, 4.0])]
+    assert step_statistics(theta, grad, unchanged, [grad[0].clone()])["kept"] == 0.0
+    assert torch.equal(unchanged[0], torch.tensor([0.0, 4.0]))

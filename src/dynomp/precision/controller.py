@@ -60,6 +60,10 @@ TRACE_COLUMNS = (
 )
 
 
+def _copies(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    return None if tensors is None else [t.detach().clone() for t in tensors]
+
+
 class PrecisionController:
     """Chooses, at every step, the cheapest format whose precision the step needs.
 
@@ -143,8 +147,9 @@ class PrecisionController:
             "lipschitz": self.lipschitz,
             "pmin_window": list(self.pmin_window),
             "trace": [dict(row) for row in self.trace],
-            "previous_parameters": self._previous_parameters,
-            "previous_gradients": self._previous_gradients,
+            # copies: the controller overwrites its own in place at the next step
+            "previous_parameters": _copies(self._previous_parameters),
+            "previous_gradients": _copies(self._previous_gradients),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -154,8 +159,8 @@ class PrecisionController:
         self.lipschitz = state["lipschitz"]
         self.pmin_window = deque(state["pmin_window"], maxlen=self.window)
         self.trace = [dict(row) for row in state["trace"]]
-        self._previous_parameters = state["previous_parameters"]
-        self._previous_gradients = state["previous_gradients"]
+        self._previous_parameters = _copies(state["previous_parameters"])
+        self._previous_gradients = _copies(state["previous_gradients"])
 
     # -- the method ----------------------------------------------------------------------------
     def observe(
@@ -185,6 +190,7 @@ class PrecisionController:
             self._previous_parameters,
             self._previous_gradients,
             with_max_abs=self.check_range,
+            keep=True,  # the copies below are the controller's own: overwritten in the same pass
         )
         param_norm, grad_norm = stats["param_norm"], stats["grad_norm"]
         pmin = None
@@ -220,8 +226,9 @@ class PrecisionController:
                 "format": self.format,
             }
         )
-        self._previous_parameters = [t.detach().clone() for t in theta]
-        self._previous_gradients = [t.detach().clone() for t in grad]
+        if not stats["kept"]:
+            self._previous_parameters = [t.detach().clone() for t in theta]
+            self._previous_gradients = [t.detach().clone() for t in grad]
         return self.format
 
     def _executable(self, name: str) -> str:

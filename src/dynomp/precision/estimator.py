@@ -108,16 +108,27 @@ def step_statistics(
     prev_grad: Sequence[torch.Tensor] | None,
     *,
     with_max_abs: bool = False,
+    keep: bool = False,
 ) -> dict[str, float]:
     """Norms one step needs, fetched from the device in one transfer.
 
     Keys: param_norm, grad_norm, step_norm and grad_change_norm (NaN without a previous step),
-    max_abs (NaN unless asked for). CPU float32/float64 states take one compiled pass per tensor
-    (`_compiled_statistics`); others (CUDA, 8- and 16-bit dtypes) torch reductions in float64.
+    max_abs (NaN unless asked for), kept (see below). CPU float32/float64 states take one compiled
+    pass per tensor (`_compiled_statistics`); others (CUDA, 8- and 16-bit dtypes) torch reductions
+    in float64.
+
+    keep: overwrite prev_theta and prev_grad with theta and grad in the same pass, where the
+    compiled pass runs and each previous tensor is a contiguous tensor of its current one's dtype
+    and shape (the caller's own copies; kept is then 1.0, else 0.0 and nothing is written). A
+    caller that keeps the previous step this way reads and writes its copies once per step, with no
+    new allocation (a fresh copy of SyN's state, 30 MB in float64, cost more than the statistics).
     """
     previous = [*prev_theta, *prev_grad] if prev_theta is not None and prev_grad is not None else None
     if _compiled_applies([*theta, *grad, *(previous or [])]):
-        return _compiled_statistics(theta, grad, previous, with_max_abs=with_max_abs)
+        writable = keep and previous is not None and all(
+            p.dtype == t.dtype and p.shape == t.shape and p.is_contiguous()
+            for t, p in zip([*theta, *grad], previous, strict=True))
+        return _compiled_statistics(theta, grad, previous, with_max_abs=with_max_abs, keep=writable)
     nan = torch.full((), math.nan, dtype=torch.float64, device=theta[0].device)
     values = [_squared_norm(theta), _squared_norm(grad)]
     if prev_theta is not None and prev_grad is not None:
@@ -134,6 +145,7 @@ def step_statistics(
         "step_norm": math.sqrt(squares[2]),
         "grad_change_norm": math.sqrt(squares[3]),
         "max_abs": squares[4],
+        "kept": 0.0,
     }
 
 
@@ -155,17 +167,37 @@ def _sums(a, b, start, stop):  # pragma: no cover - compiled
     return squares, differences, largest
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _sums_keeping(a, b, start, stop):  # pragma: no cover - compiled
+    """`_sums`, and b[n] = a[n] as each pair is read (b holds the previous step, then this one)."""
+    squares = 0.0
+    differences = 0.0
+    largest = 0.0
+    for n in range(start, stop):
+        value = a[n]
+        x = np.float64(value)
+        d = x - np.float64(b[n])
+        b[n] = value
+        squares += x * x
+        differences += d * d
+        largest = max(largest, abs(x))
+    return squares, differences, largest
+
+
 def _compiled_applies(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _COMPILED_DTYPES for t in tensors)
 
 
-def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None) -> tuple[float, float, float]:
-    """(||a||^2, ||a - b||^2, max |a|) in one pass, split over torch's threads; b None: a - a."""
+def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = False) -> tuple[float, float, float]:
+    """(||a||^2, ||a - b||^2, max |a|) in one pass, split over torch's threads; b None: a - a.
+
+    keep: b (contiguous, a's dtype and shape) is overwritten with a in the same pass."""
     flat = a.detach().contiguous().reshape(-1)
-    other = flat if b is None else b.detach().contiguous().reshape(-1)
+    other = flat if b is None else b.detach().reshape(-1) if keep else b.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return 0.0, 0.0, 0.0
-    parts = run_split(_sums, flat.numpy(), other.numpy(), points=flat.numel())
+    kernel = _sums_keeping if keep and b is not None else _sums
+    parts = run_split(kernel, flat.numpy(), other.numpy(), points=flat.numel())
     squares = math.fsum(part[0] for part in parts)
     # a NaN anywhere makes the sums NaN; the maximum, compared without NaN, says so too
     largest = math.nan if math.isnan(squares) else max(part[2] for part in parts)
@@ -173,7 +205,8 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None) -> tuple[float, floa
 
 
 def _compiled_statistics(theta: Sequence[torch.Tensor], grad: Sequence[torch.Tensor],
-                         previous: list[torch.Tensor] | None, *, with_max_abs: bool) -> dict[str, float]:
+                         previous: list[torch.Tensor] | None, *, with_max_abs: bool,
+                         keep: bool = False) -> dict[str, float]:
     """`step_statistics` from one compiled pass over each tensor and its previous value.
 
     Accumulating in float64 needs no overflow or underflow check, and reading each tensor once
@@ -183,7 +216,7 @@ def _compiled_statistics(theta: Sequence[torch.Tensor], grad: Sequence[torch.Ten
     the rest is the copies the controller keeps).
     """
     tensors = [*theta, *grad]
-    sums = [_compiled_sums(t, None if previous is None else p)
+    sums = [_compiled_sums(t, None if previous is None else p, keep=keep)
             for t, p in zip(tensors, previous or [None] * len(tensors), strict=True)]
     count = len(theta)
     return {
@@ -193,6 +226,7 @@ def _compiled_statistics(theta: Sequence[torch.Tensor], grad: Sequence[torch.Ten
         "grad_change_norm": (math.sqrt(math.fsum(s[1] for s in sums[count:]))
                              if previous is not None else math.nan),
         "max_abs": _nan_max([s[2] for s in sums]) if with_max_abs else math.nan,
+        "kept": 1.0 if keep and previous is not None else 0.0,
     }
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp.registration.parzen import compiled_information
-from dynomp.registration.pyramid import axis_filter_matrix, filter_axes
+from dynomp.registration.pyramid import separable_filter
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Parzen bins kept free at each end so the B-spline support of extreme values stays in range
@@ -134,15 +134,12 @@ def _compiled_information_applies(fixed: torch.Tensor, moving: torch.Tensor) -> 
 def box_sum(volume: torch.Tensor, *, radius: int, dimensions: int | None = None) -> torch.Tensor:
     """Sum over the (2r+1)^D box around every voxel (zero outside) of the last D axes.
 
-    Separable, as matrix products along each axis (see `filter_axes`); leading axes are batched.
+    Separable, a filter of 2r+1 ones along each axis (see `separable_filter`); leading axes are
+    batched.
     """
     dimensions = volume.dim() if dimensions is None else dimensions
     ones = [1.0] * (2 * radius + 1)
-    matrices = [
-        axis_filter_matrix(length, ones, edges="zeros", dtype=volume.dtype, device=volume.device)
-        for length in volume.shape[-dimensions:]
-    ]
-    return filter_axes(volume, matrices, dimensions=dimensions)
+    return separable_filter(volume, [ones] * dimensions, edges="zeros", dimensions=dimensions)
 
 
 def box_count(shape: tuple[int, ...], *, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -373,17 +373,21 @@ def _assemble_fields(fields: list[torch.Tensor], shape: tuple[int, ...]) -> tupl
     """SyN's forward (u_m after u_f^-1) and inverse (u_f after u_m^-1) fields, in float64 on `shape`.
 
     `fields` is [u_f, u_m]; it is emptied, so that each field is freed once used: one inverse at a
-    time, at most five fields held.
+    time, at most five fields held. The inversions and compositions run in the fields' own format
+    (the arm's last: float64 for fp64, float32 for fp32 and for dynomp when its last iterations ran
+    in fp32; float32 at least), and the results are cast to float64 for the outputs: an inverse
+    converged to 1e-4 voxels is far coarser than float32's rounding of a displacement.
     """
     fixed_field, moving_field = fields
     fields.clear()
-    fixed_field = resize_field(fixed_field.to(torch.float64), shape)
-    moving_field = resize_field(moving_field.to(torch.float64), shape)
+    dtype = torch.float64 if fixed_field.dtype == torch.float64 else torch.float32
+    fixed_field = resize_field(fixed_field.to(dtype), shape)
+    moving_field = resize_field(moving_field.to(dtype), shape)
     inverse = invert(fixed_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
-    forward_field = compose(moving_field, inverse)
+    forward_field = compose(moving_field, inverse).to(torch.float64)
     inverse = invert(moving_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
     del moving_field
-    backward_field = compose(fixed_field, inverse)
+    backward_field = compose(fixed_field, inverse).to(torch.float64)
     return forward_field, backward_field
 
 

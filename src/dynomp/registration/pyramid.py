@@ -9,13 +9,17 @@ lies, so every later step can work in physical coordinates.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from dynomp import native
 from dynomp.registration.transforms import identity_coordinates, sample
 
 
@@ -25,6 +29,11 @@ def gaussian_kernel(sigma: float, *, dtype: torch.dtype, device: torch.device) -
     positions = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (positions / sigma) ** 2)
     return (kernel / kernel.sum()).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _gaussian_taps(sigma: float) -> tuple[float, ...]:
+    return tuple(gaussian_kernel(sigma, dtype=torch.float64, device=torch.device("cpu")).tolist())
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,6 +90,76 @@ def filter_axes(volume: torch.Tensor, matrices: Sequence[torch.Tensor | None], *
     return result.reshape(volume.shape)
 
 
+_FILTER_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
+_filter_kernels: dict[torch.dtype, Any] | None = None
+
+
+def filter_kernels() -> dict[torch.dtype, Any]:
+    """The C filter (`filters.c`) by dtype, compiled for this machine on first use (`dynomp.native`);
+    empty where no C compiler is available or `DYNOMP_NATIVE=0`: the matrix products run then."""
+    global _filter_kernels
+    if _filter_kernels is None:
+        library = native.library("registration/filters", fallback="BLAS matrix products")
+        _filter_kernels = {}
+        if library is not None:
+            for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+                kernel = getattr(library, f"filter_axis_{suffix}")
+                kernel.argtypes, kernel.restype = _FILTER_ARGUMENTS, None
+                _filter_kernels[dtype] = kernel
+    return _filter_kernels
+
+
+def _native_filter(volume: torch.Tensor) -> Any:
+    """The C filter for `volume`, or None where the matrix products must run: another device or
+    dtype, a volume autograd differentiates, or an emulated format (a dispatch mode rounds every
+    torch operation, which a C loop would bypass)."""
+    if (volume.device.type != "cpu" or (volume.requires_grad and torch.is_grad_enabled())
+            or _get_current_dispatch_mode() is not None):
+        return None
+    return filter_kernels().get(volume.dtype)
+
+
+def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | None], *, edges: str,
+                     dimensions: int) -> torch.Tensor:
+    """Filter the last `dimensions` axes with one centred 1-D kernel each (None: leave that axis).
+
+    edges: "replicate" (the edge voxel repeats outward) or "zeros". On the CPU in float32 or
+    float64 the C loops of `filters.c` run, a multiply-add per tap in the volume's dtype; elsewhere
+    (CUDA, emulated formats, tensors autograd tracks, no C compiler) the axis matrices of
+    `axis_filter_matrix` do, through `filter_axes`. The two agree to rounding.
+    """
+    if edges not in ("replicate", "zeros"):
+        raise ValueError(f"edges: unknown mode {edges!r} (known: replicate, zeros)")
+    if len(kernels) != dimensions:
+        raise ValueError(f"kernels: {len(kernels)} given for {dimensions} axes")
+    for kernel in kernels:
+        if kernel is not None and len(kernel) % 2 != 1:
+            raise ValueError(f"kernels: a centred kernel has an odd number of taps, not {len(kernel)}")
+    if all(kernel is None for kernel in kernels):
+        return volume
+    spatial = tuple(volume.shape[-dimensions:])
+    function = _native_filter(volume)
+    if function is None:
+        matrices = [
+            axis_filter_matrix(length, kernel, edges=edges, dtype=volume.dtype, device=volume.device)
+            if kernel is not None else None
+            for length, kernel in zip(spatial, kernels, strict=True)
+        ]
+        return filter_axes(volume, matrices, dimensions=dimensions)
+    result = volume.detach().contiguous()
+    batch = result.numel() // max(1, math.prod(spatial))
+    for axis, kernel in enumerate(kernels):
+        if kernel is None:
+            continue
+        taps = torch.tensor([float(value) for value in kernel], dtype=volume.dtype)
+        out = torch.empty_like(result)
+        function(result.data_ptr(), out.data_ptr(), batch * math.prod(spatial[:axis]), spatial[axis],
+                 math.prod(spatial[axis + 1:]), taps.data_ptr(), len(kernel) // 2, int(edges == "replicate"))
+        result = out
+    return result
+
+
 def smooth(volume: torch.Tensor, sigma: float | Sequence[float], *, dimensions: int) -> torch.Tensor:
     """Separable Gaussian smoothing of the last `dimensions` axes (replicated edges); sigma in voxels.
 
@@ -89,15 +168,8 @@ def smooth(volume: torch.Tensor, sigma: float | Sequence[float], *, dimensions: 
     sigmas = [float(sigma)] * dimensions if isinstance(sigma, int | float) else [float(s) for s in sigma]
     if all(s <= 0 for s in sigmas):
         return volume
-    spatial = volume.shape[-dimensions:]
-    matrices = [
-        axis_filter_matrix(
-            length, gaussian_kernel(axis_sigma, dtype=torch.float64, device="cpu").tolist(),
-            edges="replicate", dtype=volume.dtype, device=volume.device,
-        ) if axis_sigma > 0 else None
-        for length, axis_sigma in zip(spatial, sigmas, strict=True)
-    ]
-    return filter_axes(volume, matrices, dimensions=dimensions)
+    kernels = [_gaussian_taps(axis_sigma) if axis_sigma > 0 else None for axis_sigma in sigmas]
+    return separable_filter(volume, kernels, edges="replicate", dimensions=dimensions)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+"""The C separable filter (compiled on first use) against scipy, the matrix products it stands in
+for, and its fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from dynomp import native
+from dynomp.precision.dispatch import VirtualPrecision
+from dynomp.registration import pyramid
+from dynomp.registration.metrics import box_sum
+from dynomp.registration.pyramid import (
+    axis_filter_matrix,
+    filter_axes,
+    gaussian_kernel,
+    separable_filter,
+    smooth,
+)
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(11)
+
+
+def scipy_filter(volume: np.ndarray, kernels: list[list[float] | None], edges: str) -> np.ndarray:
+    """The reference: scipy's 1-D correlation along each of the last len(kernels) axes."""
+    mode = "nearest" if edges == "replicate" else "constant"
+    result = volume.astype(np.float64)
+    first = volume.ndim - len(kernels)
+    for axis, kernel in enumerate(kernels):
+        if kernel is not None:
+            result = ndimage.correlate1d(result, np.asarray(kernel), axis=first + axis, mode=mode, cval=0.0)
+    return result
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("edges", ["replicate", "zeros"])
+@pytest.mark.parametrize("shape", [(3, 21, 18, 40), (2, 7, 1, 5), (1, 3, 70, 2), (2, 19, 33)])
+def test_c_filter_gives_scipy_numbers(generator, dtype, edges, shape):
+    assert pyramid.filter_kernels(), "a C compiler is here, so the C filter must load"
+    dimensions = len(shape) - 1
+    volume = torch.rand(*shape, dtype=torch.float64, generator=generator).to(dtype)
+    # a Gaussian wider than some axes (radius 9 on axes of 1-7 voxels), a box, a kernel without symmetry
+    for kernels in ([gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()] * dimensions,
+                    [[1.0] * 9] * dimensions,
+                    [[0.5, -1.0, 2.0], None, [1.0, 0.25, 3.0, -0.5, 0.125]][:dimensions]):
+        ours = separable_filter(volume, kernels, edges=edges, dimensions=dimensions)
+        expected = scipy_filter(volume.numpy(), kernels, edges)
+        assert ours.dtype == dtype and ours.shape == volume.shape
+        scale = float(np.abs(expected).max())
+        tolerance = 1e-14 if dtype == torch.float64 else 2e-6
+        assert float(np.abs(ours.numpy() - expected).max()) <= tolerance * scale
+        # the matrix products, the fallback, give the same numbers to rounding
+        matrices = [axis_filter_matrix(n, k, edges=edges, dtype=dtype) if k is not None else None
+                    for n, k in zip(shape[1:], kernels, strict=True)]
+        fallback = filter_axes(volume, matrices, dimensions=dimensions)
+        assert float((ours - fallback).abs().max()) <= tolerance * scale
+
+
+@needs_compiler
+def test_box_sum_counts_every_voxel_of_the_box_exactly():
+    ones = torch.ones(2, 12, 9, 10, dtype=torch.float32)
+    counts = box_sum(ones, radius=4, dimensions=3)
+    along = [torch.tensor([min(i + 4, n - 1) - max(i - 4, 0) + 1 for i in range(n)], dtype=torch.float32)
+             for n in (12, 9, 10)]
+    expected = along[0][:, None, None] * along[1][None, :, None] * along[2][None, None, :]
+    assert torch.equal(counts[0], expected) and torch.equal(counts[1], expected)
+    assert float(counts.max()) == 9 * 9 * 9 and float(counts.min()) == 5 * 5 * 5
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_c_filter_gives_the_same_numbers_on_one_thread_and_two(generator, dtype):
+    # large enough (3 x 40 x 41 x 39 values) that the loops are split over OpenMP's threads
+    volume = torch.rand(3, 40, 41, 39, dtype=torch.float64, generator=generator).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = smooth(volume, 2.0, dimensions=3)
+        torch.set_num_threads(2)
+        split = smooth(volume, 2.0, dimensions=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, split)
+
+
+@needs_compiler
+def test_the_matrix_products_run_where_the_c_filter_would_differ(generator):
+    volume = torch.rand(2, 6, 7, 5, dtype=torch.float64, generator=generator)
+    assert pyramid._native_filter(volume) is not None
+    # autograd tracks the volume: the matrix products, which it can differentiate
+    tracked = volume.clone().requires_grad_(True)
+    assert pyramid._native_filter(tracked) is None
+    smoothed = smooth(tracked, 1.0, dimensions=3)
+    (gradient,) = torch.autograd.grad(smoothed.sum(), tracked)
+    assert gradient.shape == volume.shape and float(gradient.abs().sum()) > 0
+    assert torch.allclose(smoothed.detach(), smooth(volume, 1.0, dimensions=3), atol=1e-14)
+    # an emulated format rounds every torch operation, which a C loop would bypass
+    with VirtualPrecision("bf16"):
+        assert pyramid._native_filter(volume) is None
+        rounded = smooth(volume, 1.0, dimensions=3)
+    assert not torch.equal(rounded, smooth(volume, 1.0, dimensions=3))
+    assert pyramid._native_filter(volume.to(torch.float16)) is None
+
+
+def test_without_the_c_filter_the_matrix_products_give_the_numbers(monkeypatch, generator):
+    volume = torch.rand(3, 9, 8, 11, dtype=torch.float64, generator=generator)
+    kernels = [gaussian_kernel(1.5, dtype=torch.float64, device="cpu").tolist()] * 3
+    monkeypatch.setattr(pyramid, "_filter_kernels", {})
+    ours = separable_filter(volume, kernels, edges="replicate", dimensions=3)
+    expected = scipy_filter(volume.numpy(), kernels, "replicate")
+    assert float(np.abs(ours.numpy() - expected).max()) <= 1e-14
+
+
+def test_filter_arguments_are_checked():
+    volume = torch.zeros(4, 5, 6)
+    with pytest.raises(ValueError, match=r"edges: unknown mode 'wrap'"):
+        separable_filter(volume, [[1.0]] * 3, edges="wrap", dimensions=3)
+    with pytest.raises(ValueError, match=r"kernels: 2 given for 3 axes"):
+        separable_filter(volume, [[1.0]] * 2, edges="zeros", dimensions=3)
+    with pytest.raises(ValueError, match=r"kernels: a centred kernel has an odd number of taps, not 2"):
+        separable_filter(volume, [[1.0, 1.0], None, None], edges="zeros", dimensions=3)
+    assert separable_filter(volume, [None] * 3, edges="zeros", dimensions=3) is volume

@@ -16,7 +16,7 @@ from dynomp.registration.metrics import (
     parzen_weights,
 )
 from dynomp.registration.pyramid import axis_filter_matrix, gaussian_kernel, smooth
-from dynomp.registration.transforms import identity_coordinates, invert, sample
+from dynomp.registration.transforms import identity_coordinates, invert, sample, warp
 
 
 def convolve_separably(volume: torch.Tensor, kernels: list[torch.Tensor | None], *, edges: str) -> torch.Tensor:
@@ -131,8 +131,31 @@ def test_inversion_stops_at_its_tolerance():
     exact = invert(field, iterations=60)
     close = invert(field, iterations=60, tolerance=1e-6)
     assert (close - exact).abs().max() < 1e-5
-    # a tolerance larger than any change stops after the first iteration
-    assert torch.equal(invert(field, iterations=60, tolerance=100.0), invert(field, iterations=1))
+    # a tolerance larger than any residual stops before the first step: the initial guess -u
+    assert torch.equal(invert(field, iterations=60, tolerance=100.0), -field)
+    assert torch.equal(invert(field, iterations=60, tolerance=100.0), invert(field, iterations=0))
+
+
+def test_inversion_converges_where_the_map_stretches_more_than_twofold():
+    # u_z = 6 tanh((z - c) / 4): du/dz reaches 1.5, the map stretches 2.5x at the centre. The plain
+    # fixed-point iteration (damping 1) converges only where du/dz < 1, and oscillates here; the
+    # damped one converges where du/dz < 3.
+    size = 32
+    z = torch.arange(size, dtype=torch.float64)
+    profile = 6.0 * torch.tanh((z - (size - 1) / 2) / 4.0)
+    field = torch.zeros(3, size, 6, 5, dtype=torch.float64)
+    field[0] = profile[:, None, None]
+    interior = (slice(None), slice(8, -8))
+
+    def residual(inverse):
+        return float((warp(field, inverse) + inverse)[interior].abs().max())
+
+    assert residual(invert(field, iterations=60, damping=1.0)) > 0.5
+    damped = invert(field, iterations=60)
+    assert residual(damped) < 1e-6
+    assert torch.allclose(damped[1:], torch.zeros_like(damped[1:]))
+    with pytest.raises(ValueError, match=r"damping: 1.5 is outside \(0, 1\]"):
+        invert(field, damping=1.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

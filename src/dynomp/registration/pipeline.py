@@ -62,7 +62,7 @@ from dynomp.registration.transforms import (
 )
 
 INVERSION_ITERATIONS = 30
-# voxels: the inversion stops once no estimate moves by more than this (3e-4 mm at 3 mm voxels)
+# voxels: the inversion stops once every estimate is within this of -u(x + v(x)) (3e-4 mm at 3 mm voxels)
 INVERSION_TOLERANCE = 1e-4
 
 

@@ -5,14 +5,18 @@
  * `filter_axes`, BLAS) each output value costs as many multiply-adds as the axis is long (65-77
  * here) rather than as many as the kernel has taps (9-19); these loops do the taps only, in the
  * volume's own type (float32 stays float32), and the compiler vectorises them along the contiguous
- * axis: 16 float32 or 8 float64 values per AVX-512 instruction. native.py compiles this file on
- * first use and calls it through ctypes; without a C compiler the matrix products run.
+ * axis: 16 float32 or 8 float64 values per AVX-512 instruction. Each pass over an axis then reads
+ * and writes the volume once, which on a small machine is what it costs: float32 at about half of
+ * float64, and CC's box sums about 0.8x of BLAS's in float32 (docs/benchmarks.md). native.py
+ * compiles this file on first use and calls it through ctypes; without a C compiler the matrix
+ * products run.
  *
  * Layout: the volume is `outer` x `length` x `inner` values, contiguous, and the filter runs along
  * the middle axis: out[o, i, e] = sum_k taps[k] * in[o, i + k - radius, e]. Indices outside
  * 0..length-1 are clamped to the edge (replicate = 1, what padding by replication and then
  * convolving does) or contribute nothing (replicate = 0, zero padding). `in` and `out` must not
- * overlap. The taps are summed in order k = 0..2 radius, each a multiply-add in the volume's type.
+ * overlap. The taps are summed in order k = 0..2 radius, each a multiply and an add in the
+ * volume's type.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -133,8 +137,10 @@ void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, in
             const T *plane = in + o * length * inner;                                              \
             T *target = out + o * length * inner;                                                  \
             const int64_t from = interior * part / parts, to = interior * (part + 1) / parts;      \
-            taps_span_##SUFFIX(plane + (low - radius) * inner + from, target + low * inner + from, \
-                               to - from, inner, taps, 2 * radius + 1);                            \
+            if (to > from) /* no interior where the axis is shorter than the kernel */           \
+                taps_span_##SUFFIX(plane + (low - radius) * inner + from,                          \
+                                   target + low * inner + from, to - from, inner, taps,            \
+                                   2 * radius + 1);                                                \
             for (int64_t q = edges * part / parts; q < edges * (part + 1) / parts; ++q) {          \
                 const int64_t i = q < low ? q : high + (q - low);                                  \
                 edge_row_##SUFFIX(plane, target + i * inner, i, length, inner, taps, radius,       \

@@ -64,6 +64,9 @@ from dynomp.registration.transforms import (
 INVERSION_ITERATIONS = 30
 # voxels: the inversion stops once every estimate is within this of -u(x + v(x)) (3e-4 mm at 3 mm voxels)
 INVERSION_TOLERANCE = 1e-4
+# each inversion step goes this fraction of the way to -u(x + v(x)) (transforms.invert: 1 is the
+# plain fixed-point iteration, which oscillates where the map stretches by 2x or more)
+INVERSION_DAMPING = 0.5
 
 
 @functools.cache
@@ -383,9 +386,11 @@ def _assemble_fields(fields: list[torch.Tensor], shape: tuple[int, ...]) -> tupl
     dtype = torch.float64 if fixed_field.dtype == torch.float64 else torch.float32
     fixed_field = resize_field(fixed_field.to(dtype), shape)
     moving_field = resize_field(moving_field.to(dtype), shape)
-    inverse = invert(fixed_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
+    inverse = invert(fixed_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE,
+                     damping=INVERSION_DAMPING)
     forward_field = compose(moving_field, inverse).to(torch.float64)
-    inverse = invert(moving_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE)
+    inverse = invert(moving_field, iterations=INVERSION_ITERATIONS, tolerance=INVERSION_TOLERANCE,
+                     damping=INVERSION_DAMPING)
     del moving_field
     backward_field = compose(fixed_field, inverse).to(torch.float64)
     return forward_field, backward_field

@@ -153,23 +153,9 @@ _COMPILED_DTYPES = (torch.float32, torch.float64)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _sums(a, b, start, stop):  # pragma: no cover - compiled
-    """sum a^2, sum (a - b)^2 and max |a| over start..stop, accumulated in float64."""
-    squares = 0.0
-    differences = 0.0
-    largest = 0.0
-    for n in range(start, stop):
-        x = np.float64(a[n])
-        d = x - np.float64(b[n])
-        squares += x * x
-        differences += d * d
-        largest = max(largest, abs(x))
-    return squares, differences, largest
-
-
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _sums_keeping(a, b, start, stop):  # pragma: no cover - compiled
-    """`_sums`, and b[n] = a[n] as each pair is read (b holds the previous step, then this one)."""
+def _sums(a, b, keep, start, stop):  # pragma: no cover - compiled
+    """sum a^2, sum (a - b)^2 and max |a| over start..stop, accumulated in float64; with `keep`,
+    b[n] = a[n] as each pair is read (b holds the previous step, then this one)."""
     squares = 0.0
     differences = 0.0
     largest = 0.0
@@ -177,7 +163,8 @@ def _sums_keeping(a, b, start, stop):  # pragma: no cover - compiled
         value = a[n]
         x = np.float64(value)
         d = x - np.float64(b[n])
-        b[n] = value
+        if keep:
+            b[n] = value
         squares += x * x
         differences += d * d
         largest = max(largest, abs(x))
@@ -196,8 +183,7 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = Fals
     other = flat if b is None else b.detach().reshape(-1) if keep else b.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return 0.0, 0.0, 0.0
-    kernel = _sums_keeping if keep and b is not None else _sums
-    parts = run_split(kernel, flat.numpy(), other.numpy(), points=flat.numel())
+    parts = run_split(_sums, flat.numpy(), other.numpy(), keep and b is not None, points=flat.numel())
     squares = math.fsum(part[0] for part in parts)
     # a NaN anywhere makes the sums NaN; the maximum, compared without NaN, says so too
     largest = math.nan if math.isnan(squares) else max(part[2] for part in parts)

@@ -134,3 +134,13 @@ def test_step_statistics_keep_overwrites_the_previous_step_in_the_same_pass():
     unchanged = [torch.tensor([0.0, 4.0])]
     assert step_statistics(theta, grad, unchanged, [grad[0].clone()])["kept"] == 0.0
     assert torch.equal(unchanged[0], torch.tensor([0.0, 4.0]))
+
+
+def test_load_kernels_readies_the_statistics_for_every_dtype_pair():
+    from dynomp.precision.estimator import _sums, load_kernels
+
+    load_kernels()
+    # one compiled version per (state, previous) dtype pair, the keep flag included
+    assert len(_sums.signatures) >= 4
+    assert {(str(s[0].dtype), str(s[1].dtype)) for s in _sums.signatures} >= {
+        ("float32", "float32"), ("float64", "float64"), ("float32", "float64"), ("float64", "float32")}

@@ -171,6 +171,14 @@ def _sums(a, b, keep, start, stop):  # pragma: no cover - compiled
     return squares, differences, largest
 
 
+def load_kernels() -> None:
+    """Load (or compile) the statistics kernel for every pair of float32/float64 tensors now: a
+    state and its previous step differ in dtype for one step after a format change."""
+    for first in (np.float32, np.float64):
+        for second in (np.float32, np.float64):
+            _sums(np.zeros(1, dtype=first), np.zeros(1, dtype=second), False, 0, 1)
+
+
 def _compiled_applies(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _COMPILED_DTYPES for t in tensors)
 

@@ -340,7 +340,7 @@ def trilinear_sample(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.T
 
 def load_kernels() -> None:
     """Compile or load the kernels for float32 and float64 now rather than on first use (the
-    sampler's, MI's and the separable filter's).
+    sampler's, MI's, the controller's statistics and the separable filter's).
 
     Loading takes about half a second and 70 MB (numba's compiler runtime) in a fresh process;
     a benchmark calls this before it measures its baseline, as it imports the rest of the code.
@@ -352,8 +352,10 @@ def load_kernels() -> None:
         trilinear_sample(volume, coordinates).sum().backward()
         displacement = torch.zeros(3, 2, 2, 2, dtype=dtype, requires_grad=True)
         displaced_sample(volume, displacement).sum().backward()
+    from dynomp.precision.estimator import load_kernels as load_statistics_kernels
     from dynomp.registration.parzen import load_kernels as load_parzen_kernels
     from dynomp.registration.pyramid import filter_kernels
 
     load_parzen_kernels()
+    load_statistics_kernels()
     filter_kernels()

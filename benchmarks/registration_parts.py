@@ -45,28 +45,28 @@ from dynomp.registration.pyramid import smooth
 from dynomp.registration.transforms import compose, identity_coordinates, sample, warp
 
 
-def numba_sampler(function: Callable[[], object]) -> Callable[[], None]:
-    """`function` with the sampler's C kernels set aside: the numba fallback runs."""
+def set_aside(load: Callable[[], dict], module: object, attribute: str,
+              function: Callable[[], object]) -> Callable[[], None]:
+    """`function` run with the table of C kernels that `load` fills (`module.attribute`) emptied,
+    so that the fallback runs, and the table restored after."""
     def run() -> None:
-        kept = interpolation.native_kernels()
-        interpolation._native_kernels = {}
+        kept = load()
+        setattr(module, attribute, {})
         try:
             function()
         finally:
-            interpolation._native_kernels = kept
+            setattr(module, attribute, kept)
     return run
+
+
+def numba_sampler(function: Callable[[], object]) -> Callable[[], None]:
+    """`function` with the sampler's C kernels set aside: the numba fallback runs."""
+    return set_aside(interpolation.native_kernels, interpolation, "_native_kernels", function)
 
 
 def matrix_filters(function: Callable[[], object]) -> Callable[[], None]:
     """`function` with the C separable filter set aside: the BLAS matrix products run."""
-    def run() -> None:
-        kept = pyramid.filter_kernels()
-        pyramid._filter_kernels = {}
-        try:
-            function()
-        finally:
-            pyramid._filter_kernels = kept
-    return run
+    return set_aside(pyramid.filter_kernels, pyramid, "_filter_kernels", function)
 
 
 def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable[[], object]]:

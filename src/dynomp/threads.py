@@ -1,12 +1,12 @@
 """`run_split`: a GIL-free compiled kernel run over chunks of its points on torch's thread count.
 
 The engine's numba kernels (Mattes MI, and the trilinear sampler where no C compiler is found) and
-the precision controller's statistics loop over points; the C sampler splits its loops over torch's
-own OpenMP threads instead (`dynomp/registration/sampler.c`). A call with enough points is split
-into as many chunks as torch has threads; the kernels release the GIL, and the chunks other than the caller's run on plain Python
-threads that wait on a future between calls. numba's own thread pools (OpenMP or workqueue) were
-tried first: they spun beside torch's OpenMP threads on a 2-core machine, and whole registrations
-took anywhere from 16 to 56 s.
+the precision controller's statistics loop over points; the C kernels split their loops over
+torch's own OpenMP threads instead (`dynomp/registration/sampler.c`, `filters.c`). A call with
+enough points is split into as many chunks as torch has threads; the kernels release the GIL, and
+the chunks other than the caller's run on plain Python threads that wait on a future between calls.
+numba's own thread pools (OpenMP or workqueue) were tried first: they spun beside torch's OpenMP
+threads on a 2-core machine, and whole registrations took anywhere from 16 to 56 s.
 """
 
 from __future__ import annotations

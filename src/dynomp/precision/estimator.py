@@ -188,10 +188,12 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = Fals
 
     keep: b (contiguous, a's dtype and shape) is overwritten with a in the same pass."""
     flat = a.detach().contiguous().reshape(-1)
+    # to be written, b is taken as it is (the caller checked that it is contiguous); else a copy may do
     other = flat if b is None else b.detach().reshape(-1) if keep else b.detach().contiguous().reshape(-1)
+    keep = keep and b is not None
     if flat.numel() == 0:
         return 0.0, 0.0, 0.0
-    parts = run_split(_sums, flat.numpy(), other.numpy(), keep and b is not None, points=flat.numel())
+    parts = run_split(_sums, flat.numpy(), other.numpy(), keep, points=flat.numel())
     squares = math.fsum(part[0] for part in parts)
     # a NaN anywhere makes the sums NaN; the maximum, compared without NaN, says so too
     largest = math.nan if math.isnan(squares) else max(part[2] for part in parts)
@@ -220,7 +222,7 @@ def _compiled_statistics(theta: Sequence[torch.Tensor], grad: Sequence[torch.Ten
         "grad_change_norm": (math.sqrt(math.fsum(s[1] for s in sums[count:]))
                              if previous is not None else math.nan),
         "max_abs": _nan_max([s[2] for s in sums]) if with_max_abs else math.nan,
-        "kept": 1.0 if keep and previous is not None else 0.0,
+        "kept": 1.0 if keep else 0.0,
     }
 
 

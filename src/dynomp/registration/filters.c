@@ -29,8 +29,10 @@
 #define BLOCK 64
 #if defined(__GNUC__) || defined(__clang__)
 #define SPAN __attribute__((noinline))
+#define INLINE static inline __attribute__((always_inline))
 #else
 #define SPAN
+#define INLINE static inline
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -49,32 +51,29 @@ static int team(void) { return 1; }
 
 #define DEFINE_FILTER(T, SUFFIX)                                                                   \
                                                                                                    \
+/* m <= BLOCK outputs, each the sum over taps k of taps[k] * in[k * stride + e], accumulated in a */ \
+/* block; inlined, and called with m = BLOCK, the block's count is a constant and its */          \
+/* accumulators stay in vector registers while the taps go by */                                  \
+INLINE void taps_block_##SUFFIX(const T *restrict in, T *restrict out, int64_t m, int64_t stride,              \
+                    const T *restrict taps, int64_t count) {                                       \
+    T acc[BLOCK];                                                                                  \
+    for (int64_t e = 0; e < m; ++e) acc[e] = (T)0;                                                 \
+    for (int64_t k = 0; k < count; ++k) {                                                          \
+        const T t = taps[k];                                                                       \
+        const T *restrict row = in + k * stride;                                                   \
+        for (int64_t e = 0; e < m; ++e) acc[e] += t * row[e];                                      \
+    }                                                                                              \
+    for (int64_t e = 0; e < m; ++e) out[e] = acc[e];                                               \
+}                                                                                                  \
+                                                                                                   \
 /* n outputs, each the sum over taps k of taps[k] * in[k * stride + e]: the loop over e is the    */ \
-/* vectorised one, a block of outputs kept in registers while the taps go by */                   \
+/* vectorised one, in whole blocks and then the rest */                                           \
 static SPAN void taps_span_##SUFFIX(const T *restrict in, T *restrict out, int64_t n,             \
                                     int64_t stride, const T *restrict taps, int64_t count) {       \
     int64_t e0 = 0;                                                                                \
-    for (; e0 + BLOCK <= n; e0 += BLOCK) {  /* a full block: a constant count, held in registers */ \
-        T acc[BLOCK];                                                                              \
-        for (int64_t e = 0; e < BLOCK; ++e) acc[e] = (T)0;                                         \
-        for (int64_t k = 0; k < count; ++k) {                                                      \
-            const T t = taps[k];                                                                   \
-            const T *restrict row = in + k * stride + e0;                                          \
-            for (int64_t e = 0; e < BLOCK; ++e) acc[e] += t * row[e];                              \
-        }                                                                                          \
-        for (int64_t e = 0; e < BLOCK; ++e) out[e0 + e] = acc[e];                                  \
-    }                                                                                              \
-    const int64_t m = n - e0;                                                                      \
-    if (m > 0) {                                                                                   \
-        T acc[BLOCK];                                                                              \
-        for (int64_t e = 0; e < m; ++e) acc[e] = (T)0;                                             \
-        for (int64_t k = 0; k < count; ++k) {                                                      \
-            const T t = taps[k];                                                                   \
-            const T *restrict row = in + k * stride + e0;                                          \
-            for (int64_t e = 0; e < m; ++e) acc[e] += t * row[e];                                  \
-        }                                                                                          \
-        for (int64_t e = 0; e < m; ++e) out[e0 + e] = acc[e];                                      \
-    }                                                                                              \
+    for (; e0 + BLOCK <= n; e0 += BLOCK)                                                           \
+        taps_block_##SUFFIX(in + e0, out + e0, BLOCK, stride, taps, count);                        \
+    if (n > e0) taps_block_##SUFFIX(in + e0, out + e0, n - e0, stride, taps, count);               \
 }                                                                                                  \
                                                                                                    \
 /* output row i of a plane (length x inner) near an edge, where some taps fall outside it */      \
@@ -153,11 +152,3 @@ void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, in
 DEFINE_FILTER(float, f32)
 DEFINE_FILTER(double, f64)
 
-/* 1 where this library splits its loops over OpenMP threads itself */
-int filter_threads(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}

@@ -102,3 +102,118 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
     assert native.cache_folder().parent == Path(tempfile.gettempdir())
     assert native.cache_folder().name.startswith("dynomp-native-")
+
+
+def mattes_inputs(generator, dtype, shape=(17, 20, 19), count=3000):
+    """A smooth moving volume, fixed sample points and values, and a 3 x 4 map that sends some of
+    the points outside the moving grid (clamped there)."""
+    from dynomp.registration.pyramid import smooth
+    from dynomp.registration.transforms import sample
+
+    moving = smooth(torch.rand(*shape, dtype=torch.float64, generator=generator), 1.5, dimensions=3) * 100
+    points = torch.stack([torch.rand(count, dtype=torch.float64, generator=generator) * (n - 1) for n in shape])
+    combined = torch.tensor([[1.05, 0.04, -0.02, 1.5], [0.03, 0.95, 0.05, -1.0], [-0.04, 0.02, 1.1, 0.7]],
+                            dtype=torch.float64)
+    # the fixed values follow the moving image near the mapped points, with noise
+    fixed = 100 - 0.6 * sample(moving, combined[:, :3] @ points + combined[:, 3:] + 0.3)
+    fixed = fixed + 3 * torch.rand(count, dtype=torch.float64, generator=generator)
+    return moving.to(dtype), points.to(dtype), fixed.to(dtype), combined.to(dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_linear_mattes_is_the_sampled_torch_expression(generator, dtype):
+    from dynomp.registration.metrics import mutual_information
+    from dynomp.registration.parzen import LinearInformation
+    from dynomp.registration.transforms import sample
+
+    moving, points, fixed, combined = mattes_inputs(generator, dtype, count=20000)  # split over threads
+    ranges = {"fixed_range": (float(fixed.min()), float(fixed.max())),
+              "moving_range": (float(moving.min()) + 5, float(moving.max()) - 5)}
+    assert LinearInformation.applies(moving, points, fixed, bins=32)
+    fused = LinearInformation(moving=moving, points=points, fixed=fixed, bins=32, padding=2, **ranges)
+    ours = combined.clone().requires_grad_(True)
+    value = fused(ours)
+    (gradient,) = torch.autograd.grad(value, ours)
+    theirs = combined.clone().requires_grad_(True)
+    mapped = theirs[:, :3] @ points + theirs[:, 3:]
+    reference = mutual_information(fixed, sample(moving, mapped), bins=32, **ranges)
+    (expected,) = torch.autograd.grad(reference, theirs)
+    assert value.dtype == dtype and gradient.shape == (3, 4)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert 0.3 < float(reference.detach()) < 3.0
+    assert abs(float(value.detach()) - float(reference.detach())) <= tolerance * float(reference.detach())
+    assert float((gradient - expected).abs().max()) <= tolerance * 10 * float(expected.abs().max())
+    # some points leave the grid (border-clamped) and some intensities leave the moving range
+    assert bool(((mapped < 0) | (mapped > torch.tensor([16, 19, 18], dtype=dtype)[:, None])).any())
+    # the same numbers on one thread as on two (per-thread histograms are added up in order)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = fused(combined)
+    finally:
+        torch.set_num_threads(previous)
+    assert abs(float(single) - float(value.detach())) <= tolerance * float(reference.detach())
+
+
+@needs_compiler
+def test_fused_linear_mattes_turns_nan_on_a_nan_or_infinite_map(generator):
+    from dynomp.registration.parzen import LinearInformation
+
+    moving, points, fixed, combined = mattes_inputs(generator, torch.float64)
+    fused = LinearInformation(moving=moving, points=points, fixed=fixed, bins=32, padding=2,
+                              fixed_range=(0.0, 100.0), moving_range=(0.0, 100.0))
+    assert torch.isfinite(fused(combined))
+    for bad in (float("nan"), float("inf")):
+        broken = combined.clone()
+        broken[1, 2] = bad
+        assert torch.isnan(fused(broken))
+    # a NaN voxel the map reaches turns the value NaN too (the engine then records a divergence)
+    moving_with_nan = moving.clone()
+    moving_with_nan[8, 10, 9] = float("nan")
+    fused = LinearInformation(moving=moving_with_nan, points=points, fixed=fixed, bins=32, padding=2,
+                              fixed_range=(0.0, 100.0), moving_range=(0.0, 100.0))
+    assert torch.isnan(fused(combined))
+    # only 3-D CPU float32/float64 volumes, and no more bins than the kernel's tables hold
+    assert not LinearInformation.applies(moving, points, fixed, bins=512)
+    assert not LinearInformation.applies(moving[0], points[:2], fixed, bins=32)
+    assert not LinearInformation.applies(moving.half(), points.half(), fixed.half(), bins=32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["rigid", "affine"])
+def test_a_linear_level_gives_the_same_loss_and_gradient_fused_or_not(generator, kind):
+    """LinearProblem.evaluate through the fused kernel against its torch operations, both formats."""
+    from types import SimpleNamespace
+
+    from dynomp.registration import pipeline
+    from dynomp.registration.config import PrecisionConfig
+    from dynomp.registration.metrics import build_loss
+    from dynomp.registration.precision import PrecisionSetting
+    from dynomp.registration.pyramid import smooth
+
+    shape = (20, 22, 18)
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.5, 1.0], dtype=torch.float64))
+    fixed = smooth(torch.rand(*shape, dtype=torch.float64, generator=generator), 1.5, dimensions=3)
+    moving = smooth(torch.rand(*shape, dtype=torch.float64, generator=generator), 1.5, dimensions=3)
+    images = pipeline._Images(fixed=SimpleNamespace(data=fixed, affine=affine),
+                              moving=SimpleNamespace(data=moving, affine=affine))
+    center = torch.tensor([19.0, 21.0, 21.25], dtype=torch.float64)
+    transform = torch.eye(4, dtype=torch.float64)
+    transform[:3, :3] = pipeline.rotation_matrix(torch.tensor([0.05, -0.03, 0.08], dtype=torch.float64))
+    transform[:3, 3] = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    parameters = pipeline._initial_parameters(kind, transform, center, 3)
+    for arm, tolerance in (("fp64", 1e-12), ("fp32", 1e-4)):
+        loss = build_loss("mi", fixed=fixed, moving=moving, bins=32, sampling_fraction=0.25, seed=3)
+        problem = pipeline.LinearProblem(
+            kind=kind, images=images, parameters=parameters, center=center, loss=loss, learning_rate=0.25,
+            setting=PrecisionSetting(arm, device="cpu", config=PrecisionConfig()), relaxation=0.5,
+        )
+        assert problem.information is not None
+        value, (gradient,) = problem.evaluate()
+        problem.information = None
+        expected_value, (expected,) = problem.evaluate()
+        assert gradient.dtype == expected.dtype == problem.parameters.dtype
+        assert abs(float(value) - float(expected_value)) <= tolerance * abs(float(expected_value))
+        assert float((gradient - expected).abs().max()) <= tolerance * float(expected.abs().max())
+        assert float(expected.abs().max()) > 0

@@ -186,8 +186,11 @@ _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of t
     "sample_points_backward": [_POINTER, *[_SIZE] * 4, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _SIZE],
     "sample_displaced": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _SIZE, _SIZE],
     "sample_displaced_backward": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _SIZE],
+    # Mattes MI under a linear map (parzen.linear_information): no split, it returns the MI
+    "linear_mattes": [_POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER],
 }
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+_RESULTS = {"linear_mattes": {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}}
 _native_kernels: dict[tuple[str, torch.dtype], Any] | None = None
 _native_threads = False  # True where the C kernels split their loops over OpenMP threads themselves
 # flat voxel indices in the C kernels are 32-bit
@@ -206,7 +209,7 @@ def native_kernels() -> dict[tuple[str, torch.dtype], Any]:
             for name, arguments in _SIGNATURES.items():
                 for dtype, suffix in _SUFFIXES.items():
                     kernel = getattr(library, f"{name}_{suffix}")
-                    kernel.argtypes, kernel.restype = arguments, None
+                    kernel.argtypes, kernel.restype = arguments, _RESULTS.get(name, {}).get(dtype)
                     _native_kernels[name, dtype] = kernel
     return _native_kernels
 

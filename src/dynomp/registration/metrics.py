@@ -17,6 +17,7 @@ float32/float64 tensors; elsewhere, and under an emulated format, MI is torch op
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -263,17 +264,31 @@ def regular_sample_index(count: int, *, fraction: float, seed: int, device: torc
     return torch.arange(offset, count, stride, device=device)
 
 
+@dataclass(frozen=True)
+class MattesParameters:
+    """What a Mattes MI loss was built with: its bins, both intensity ranges, the padding bins."""
+
+    bins: int
+    fixed_range: tuple[float, float]
+    moving_range: tuple[float, float]
+    padding: int = _PADDING_BINS
+
+
 class SampledLoss:
     """A loss over a fixed subset of the voxels (MI's regular sample), as a callable on volumes.
 
     `sample_index` lists the flat voxel indices used (None: all of them). A caller that resamples the
     moving image can resample those voxels only and call `on_samples` with their values; at the
     paper's 25 % sampling that is a quarter of the interpolation and of the gradient's work.
+    `information`: for MI, its parameters, so that a caller can compute the same loss in one
+    compiled call (`parzen.LinearInformation`).
     """
 
-    def __init__(self, function: Loss, sample_index: torch.Tensor | None) -> None:
+    def __init__(self, function: Loss, sample_index: torch.Tensor | None,
+                 information: MattesParameters | None = None) -> None:
         self.function = function
         self.sample_index = sample_index
+        self.information = information
 
     def __call__(self, fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
         """The loss of two whole volumes (the sample is taken here)."""
@@ -310,7 +325,7 @@ def build_loss(
                 fixed_values, moving_values, bins=bins, fixed_range=fixed_range, moving_range=moving_range
             )
 
-        return SampledLoss(mi_loss, index)
+        return SampledLoss(mi_loss, index, MattesParameters(bins, fixed_range, moving_range))
     if name == "cc":
         return lambda fixed_values, moving_values: -local_cross_correlation(
             fixed_values, moving_values, radius=radius

@@ -154,17 +154,93 @@ class _MattesInformation(torch.autograd.Function):
         return None, gradient * grad.to(moving.dtype), None, None
 
 
-def compiled_information(fixed: torch.Tensor, moving: torch.Tensor, *, bins: int, padding: int,
-                         fixed_range: tuple[float, float], moving_range: tuple[float, float]) -> torch.Tensor:
-    """Mattes MI (nats) of two equally long 1-D CPU vectors of one float dtype, differentiable in
-    `moving`; the Parzen mapping of `metrics.parzen_taps` (`padding` bins kept free at each end)."""
+def _ranges(*, bins: int, padding: int, fixed_range: tuple[float, float], moving_range: tuple[float, float],
+            dtype: torch.dtype) -> np.ndarray:
+    """The kernels' Parzen mapping: fixed low and scale, moving low and scale, padding, top position."""
     usable = bins - 1 - 2 * padding
     values = []
     for low, high in (fixed_range, moving_range):
         span = high - low if high > low else 1.0
         values += [low, usable / span]
-    ranges = np.asarray([*values, padding, bins - 1 - padding], dtype=NUMPY_DTYPES[moving.dtype])
+    return np.asarray([*values, padding, bins - 1 - padding], dtype=NUMPY_DTYPES[dtype])
+
+
+def compiled_information(fixed: torch.Tensor, moving: torch.Tensor, *, bins: int, padding: int,
+                         fixed_range: tuple[float, float], moving_range: tuple[float, float]) -> torch.Tensor:
+    """Mattes MI (nats) of two equally long 1-D CPU vectors of one float dtype, differentiable in
+    `moving`; the Parzen mapping of `metrics.parzen_taps` (`padding` bins kept free at each end)."""
+    ranges = _ranges(bins=bins, padding=padding, fixed_range=fixed_range, moving_range=moving_range,
+                     dtype=moving.dtype)
     return _MattesInformation.apply(fixed, moving, ranges, bins)
+
+
+class _LinearMattes(torch.autograd.Function):
+    """MI of the fixed samples against the moving volume at C p; differentiable in C (3 x 4)."""
+
+    @staticmethod
+    def forward(ctx, combined: torch.Tensor, problem: LinearInformation) -> torch.Tensor:
+        matrix = combined.detach().contiguous()
+        gradient = torch.empty_like(matrix)
+        information = problem.kernel(
+            problem.moving.data_ptr(), *problem.moving.shape, problem.points.data_ptr(),
+            problem.fixed.data_ptr(), problem.fixed.numel(), matrix.data_ptr(), problem.ranges.ctypes.data,
+            problem.bins, problem.scratch.data_ptr(), gradient.data_ptr(),
+        )
+        ctx.save_for_backward(gradient)
+        return torch.tensor(information, dtype=matrix.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad.to(gradient.dtype), None
+
+
+class LinearInformation:
+    """Mattes MI of fixed samples against a moving volume under a linear map, in one compiled call.
+
+    A rigid or affine level maps its fixed sample points p (fixed-grid voxels, 3 x N) to C p on the
+    moving grid, C = M^-1 T F (3 x 4); this computes the samples' moving values there, the Parzen
+    joint histogram, MI and dMI/dC in two passes over the samples (`sampler.c`, `linear_mattes`),
+    where the same quantity as torch operations (`transforms.map_points`, `transforms.sample`,
+    `compiled_information`) was a dozen operations and autograd's walk back through them. The
+    gradient is computed with the value, and `__call__` is differentiable in C: autograd carries it
+    on to the parameters through the small matrix products that make C.
+
+    CPU float32/float64 3-D volumes with a C compiler (`applies`); the caller keeps the torch
+    operations elsewhere, and under an emulated format. Holds a 4 x N scratch buffer.
+    """
+
+    def __init__(self, *, moving: torch.Tensor, points: torch.Tensor, fixed: torch.Tensor, bins: int,
+                 padding: int, fixed_range: tuple[float, float], moving_range: tuple[float, float]) -> None:
+        from dynomp.registration.interpolation import native_kernels
+
+        self.moving = moving.detach().contiguous()
+        self.points = points.detach().reshape(3, -1).contiguous()
+        self.fixed = fixed.detach().reshape(-1).contiguous()
+        self.bins = bins
+        self.ranges = _ranges(bins=bins, padding=padding, fixed_range=fixed_range, moving_range=moving_range,
+                              dtype=moving.dtype)
+        self.kernel = native_kernels().get(("linear_mattes", moving.dtype))
+        self.scratch = torch.empty(4, self.fixed.numel(), dtype=moving.dtype)
+
+    @staticmethod
+    def applies(moving: torch.Tensor, points: torch.Tensor, fixed: torch.Tensor, *, bins: int) -> bool:
+        """Whether the compiled kernel can run on these tensors (no emulated format is checked here)."""
+        from dynomp.registration.interpolation import native_kernels
+
+        return (
+            moving.dim() == 3 and points.shape[0] == 3 and bins <= _KERNEL_BINS
+            and all(t.device.type == "cpu" and t.dtype == moving.dtype for t in (moving, points, fixed))
+            and moving.dtype in (torch.float32, torch.float64) and moving.numel() < 2**31
+            and ("linear_mattes", moving.dtype) in native_kernels()
+        )
+
+    def __call__(self, combined: torch.Tensor) -> torch.Tensor:
+        """MI (nats) at the 3 x 4 (or homogeneous 4 x 4) map C, a tensor of the volume's dtype."""
+        return _LinearMattes.apply(combined[:3].to(self.moving.dtype), self)
+
+
+_KERNEL_BINS = 256  # sampler.c's MATTES_BINS_MAX
 
 
 def load_kernels() -> None:

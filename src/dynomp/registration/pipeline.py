@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp.registration.config import RegistrationConfig, StageConfig
 from dynomp.registration.metrics import Loss, build_loss, largest_intermediate
@@ -43,6 +44,7 @@ from dynomp.registration.optimizer import (
     ScaledGradientDescent,
     optimize_level,
 )
+from dynomp.registration.parzen import LinearInformation
 from dynomp.registration.precision import PrecisionSetting, seconds_by_format
 from dynomp.registration.pyramid import PyramidLevel, build_level, smooth
 from dynomp.registration.transforms import (
@@ -58,6 +60,7 @@ from dynomp.registration.transforms import (
     rotation_matrix,
     sample,
     to_physical,
+    voxel_map,
     warp,
 )
 
@@ -173,6 +176,7 @@ class LinearProblem:
         self.fixed = setting.cast(fixed_values)
         self.moving = setting.cast(images.moving.data)
         self.parameters = setting.cast(parameters)
+        self.information = self._information()
         spacing = float(np.mean(np.linalg.norm(self.fixed_affine[: self.dimensions, : self.dimensions].numpy(), axis=0)))
         corners = identity_coordinates([2] * self.dimensions, dtype=torch.float64) * torch.tensor(
             [n - 1 for n in self.shape], dtype=torch.float64
@@ -191,9 +195,29 @@ class LinearProblem:
         """The homogeneous transform of a parameter vector."""
         return linear_transform(self.kind, parameters, center=self.center, dimensions=self.dimensions)
 
+    def _information(self) -> LinearInformation | None:
+        """MI's fused kernel for the current format's tensors, where it applies (else None)."""
+        mattes = getattr(self.loss, "information", None)
+        if mattes is None or not LinearInformation.applies(self.moving, self.points, self.fixed, bins=mattes.bins):
+            return None
+        return LinearInformation(moving=self.moving, points=self.points, fixed=self.fixed, bins=mattes.bins,
+                                 padding=mattes.padding, fixed_range=mattes.fixed_range,
+                                 moving_range=mattes.moving_range)
+
     def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The loss and its gradient with respect to the parameter vector."""
+        """The loss and its gradient with respect to the parameter vector.
+
+        MI on CPU float32/float64 volumes is one compiled call (`parzen.LinearInformation`);
+        elsewhere, and under an emulated format, the points are mapped and sampled and the loss
+        built from torch operations (the same quantity, to rounding).
+        """
         parameters = self.parameters.detach().requires_grad_(True)
+        if self.information is not None and _get_current_dispatch_mode() is None:
+            combined = voxel_map(self.matrix(parameters), fixed_affine=self.fixed_affine,
+                                 moving_affine=self.moving_affine, moving_inverse=self.moving_inverse)
+            loss = -self.information(combined)
+            (gradient,) = torch.autograd.grad(loss, parameters)
+            return loss.detach(), [gradient]
         coordinates = map_points(
             self.matrix(parameters), fixed_affine=self.fixed_affine,
             moving_affine=self.moving_affine, points=self.points, moving_inverse=self.moving_inverse,
@@ -221,6 +245,7 @@ class LinearProblem:
         self.moving = setting.cast(self.moving)
         self.parameters = setting.cast(self.parameters)
         self.optimizer.cast(setting.cast)
+        self.information = self._information()
 
 
 class SymmetricProblem:

@@ -13,7 +13,9 @@
  * the caller can split a call over threads. Flat voxel indices are 32-bit: the caller checks that
  * a channel has fewer than 2^31 voxels.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* Threads. Built with -fopenmp, each function splits its points or rows over OpenMP's threads when
  * it has at least PARALLEL_MINIMUM samples. Loaded after torch, the library's libgomp.so.1 is the
@@ -28,6 +30,9 @@
 #endif
 #ifdef _OPENMP
 #include <omp.h>
+/* the calling thread's slot in a per-thread table, and how many slots a split may use */
+#define MATTES_SLOT omp_get_thread_num()
+#define MATTES_SLOTS omp_get_max_threads()
 /* CALL over start..stop: one contiguous part (FROM..TO) per thread */
 #define SPLIT(work, CALL)                                                                          \
     const int parallel = (work) >= PARALLEL_MINIMUM;                                               \
@@ -39,6 +44,8 @@
         CALL;                                                                                      \
     }
 #else
+#define MATTES_SLOT 0
+#define MATTES_SLOTS 1
 #define SPLIT(work, CALL)                                                                          \
     {                                                                                              \
         const int64_t FROM = start, TO = stop;                                                     \
@@ -245,6 +252,212 @@ void sample_displaced_backward_##SUFFIX(const T *volume, int64_t channels, int64
                                            grid_w, n, grad_out, grad_displacement, FROM, TO))      \
 }
 
+/* Mattes MI under a linear map, fused: LinearProblem's whole evaluation at a rigid or affine level
+ * (pipeline.py), where it was a dozen torch operations and autograd's walk back through them. Pass
+ * 1 maps each fixed sample point p to C p on the moving grid, samples the moving image there (value
+ * and derivatives) and adds the sample's 4 x 4 Parzen products into a joint histogram (one per
+ * thread, added up after); MI and G = log(p_ij / (p_i p_j)) come from the joint table; pass 2 chains
+ * dMI/dm_n (parzen.py's formula) through the derivatives to dMI/dC. Sums over samples are kept in
+ * MATTES_LANES independent lanes, so that their loop vectorises without reordering any one sum. */
+#define MATTES_BLOCK 64
+#define MATTES_LANES 16
+#define MATTES_BINS_MAX 256
+#define MATTES_SLOTS_MAX 256
+
+#define DEFINE_MATTES(T, SUFFIX, LOG)                                                               \
+                                                                                                    \
+/* a value's first Parzen bin (of four), its fraction past the second, and whether it was in */     \
+/* range; ranges: low, scale, padding, top (the positions kept free at each end, in bins) */        \
+static inline int32_t taps_##SUFFIX(T value, T low, T scale, T padding, T top, T *fraction,         \
+                                    int *inside) {                                                  \
+    T position = (value - low) * scale + padding;                                                   \
+    *inside = (padding <= position) & (position <= top);                                            \
+    position = position < padding ? padding : (position > top ? top : position);                    \
+    position = position == position ? position : padding; /* NaN: the caller flags it */            \
+    const int32_t floor = (int32_t)position; /* position >= padding >= 0: truncation is floor */    \
+    *fraction = position - (T)floor;                                                                \
+    return floor - 1;                                                                               \
+}                                                                                                   \
+                                                                                                    \
+/* the cubic B-spline's four weights at fraction f */                                               \
+static inline void weights_##SUFFIX(T f, T *w) {                                                    \
+    const T g = (T)1 - f, f2 = f * f, f3 = f2 * f, sixth = (T)1 / (T)6;                             \
+    w[0] = g * g * g * sixth;                                                                       \
+    w[1] = ((T)3 * f3 - (T)6 * f2 + (T)4) * sixth;                                                  \
+    w[2] = ((T)3 * f2 - (T)3 * f3 + (T)3 * f + (T)1) * sixth;                                       \
+    w[3] = f3 * sixth;                                                                              \
+}                                                                                                   \
+                                                                                                    \
+/* the four weights' derivatives with respect to f */                                               \
+static inline void slopes_##SUFFIX(T f, T *s) {                                                     \
+    const T g = (T)1 - f, f2 = f * f, half = (T)1 / (T)2;                                           \
+    s[0] = -g * g * half;                                                                           \
+    s[1] = ((T)3 * f2 - (T)4 * f) * half;                                                           \
+    s[2] = ((T)2 * f + (T)1 - (T)3 * f2) * half;                                                    \
+    s[3] = f2 * half;                                                                               \
+}                                                                                                   \
+                                                                                                    \
+/* pass 1 over the samples start..stop: the moving value at C p and its derivatives (zero along */  \
+/* a clamped axis) into scratch (4, n), the Parzen products into `joint`; 1 on a NaN value */       \
+static SPAN int mattes_histogram_span_##SUFFIX(const T *restrict volume, int64_t d, int64_t h,      \
+                                               int64_t w, const T *restrict points,                 \
+                                               const T *restrict fixed, int64_t n,                  \
+                                               const T *restrict c, const T *restrict ranges,       \
+                                               int64_t bins, T *restrict scratch,                   \
+                                               T *restrict joint, int64_t start, int64_t stop) {    \
+    const geometry_##SUFFIX g = geometry_of_##SUFFIX(d, h, w);                                      \
+    const T *pz = points, *py = points + n, *px = points + 2 * n;                                   \
+    T *restrict mv = scratch, *restrict sz = scratch + n, *restrict sy = scratch + 2 * n;           \
+    T *restrict sx = scratch + 3 * n;                                                               \
+    const T fixed_low = ranges[0], fixed_scale = ranges[1], moving_low = ranges[2];                 \
+    const T moving_scale = ranges[3], padding = ranges[4], top = ranges[5];                         \
+    int bad = 0;                                                                                    \
+    for (int64_t first = start; first < stop; first += MATTES_BLOCK) {                              \
+        const int64_t count = stop - first < MATTES_BLOCK ? stop - first : MATTES_BLOCK;            \
+        int32_t fi[MATTES_BLOCK], mj[MATTES_BLOCK];                                                 \
+        T fw[4][MATTES_BLOCK], mw[4][MATTES_BLOCK];                                                 \
+        /* the arithmetic, vectorised over the block's samples */                                   \
+        for (int64_t k = 0; k < count; k++) {                                                       \
+            const int64_t q = first + k;                                                            \
+            const T x0 = pz[q], x1 = py[q], x2 = px[q];                                             \
+            const T z = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3];                                   \
+            const T y = c[4] * x0 + c[5] * x1 + c[6] * x2 + c[7];                                   \
+            const T x = c[8] * x0 + c[9] * x1 + c[10] * x2 + c[11];                                 \
+            T fz, fy, fx, dz = (T)0, dy = (T)0, dx = (T)0, f, m, wf[4], wm[4];                      \
+            int inside;                                                                             \
+            const int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                            \
+            const T value = value_##SUFFIX(volume, &g, p, fz, fy, fx);                              \
+            partials_##SUFFIX(volume, &g, p, z, y, x, fz, fy, fx, (T)1, &dz, &dy, &dx);             \
+            mv[q] = value; sz[q] = dz; sy[q] = dy; sx[q] = dx;                                      \
+            bad |= !(value == value) | !(fixed[q] == fixed[q]);                                     \
+            fi[k] = taps_##SUFFIX(fixed[q], fixed_low, fixed_scale, padding, top, &f, &inside);     \
+            mj[k] = taps_##SUFFIX(value, moving_low, moving_scale, padding, top, &m, &inside);      \
+            weights_##SUFFIX(f, wf);                                                                \
+            weights_##SUFFIX(m, wm);                                                                \
+            for (int a = 0; a < 4; a++) { fw[a][k] = wf[a]; mw[a][k] = wm[a]; }                     \
+        }                                                                                           \
+        /* the scatter into the table, one sample after another */                                  \
+        for (int64_t k = 0; k < count; k++) {                                                       \
+            for (int a = 0; a < 4; a++) {                                                           \
+                T *restrict row = joint + (fi[k] + a) * bins + mj[k];                               \
+                const T weight = fw[a][k];                                                          \
+                row[0] += weight * mw[0][k]; row[1] += weight * mw[1][k];                           \
+                row[2] += weight * mw[2][k]; row[3] += weight * mw[3][k];                           \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+    return bad;                                                                                     \
+}                                                                                                   \
+                                                                                                    \
+/* pass 2 over start..stop: dMI/dC added into gradient (12), given G = log(p_ij / (p_i p_j)) */     \
+static SPAN void mattes_gradient_span_##SUFFIX(const T *restrict points, const T *restrict fixed,   \
+                                               int64_t n, const T *restrict ranges, int64_t bins,   \
+                                               const T *restrict scratch,                           \
+                                               const T *restrict log_ratio, T factor,               \
+                                               T *restrict gradient, int64_t start, int64_t stop) { \
+    const T *pz = points, *py = points + n, *px = points + 2 * n;                                   \
+    const T *restrict mv = scratch, *restrict sz = scratch + n, *restrict sy = scratch + 2 * n;     \
+    const T *restrict sx = scratch + 3 * n;                                                         \
+    const T fixed_low = ranges[0], fixed_scale = ranges[1], moving_low = ranges[2];                 \
+    const T moving_scale = ranges[3], padding = ranges[4], top = ranges[5];                         \
+    const int32_t width = (int32_t)bins;                                                            \
+    /* each sum in MATTES_LANES independent lanes, so that the loop over samples vectorises */      \
+    T lanes[12][MATTES_LANES];                                                                      \
+    for (int s = 0; s < 12; s++)                                                                    \
+        for (int l = 0; l < MATTES_LANES; l++) lanes[s][l] = (T)0;                                  \
+    for (int64_t first = start; first < stop; first += MATTES_LANES) {                              \
+        const int64_t count = stop - first < MATTES_LANES ? stop - first : MATTES_LANES;            \
+        for (int64_t l = 0; l < count; l++) {                                                       \
+            const int64_t q = first + l;                                                            \
+            T f, m, wf[4], dm[4];                                                                   \
+            int inside, moving_inside;                                                              \
+            const int32_t i = taps_##SUFFIX(fixed[q], fixed_low, fixed_scale, padding, top, &f, &inside); \
+            const int32_t j = taps_##SUFFIX(mv[q], moving_low, moving_scale, padding, top, &m,      \
+                                            &moving_inside);                                        \
+            weights_##SUFFIX(f, wf);                                                                \
+            slopes_##SUFFIX(m, dm);                                                                 \
+            T value = (T)0;                                                                         \
+            for (int a = 0; a < 4; a++) {                                                           \
+                const int32_t r = (i + a) * width + j;                                              \
+                value += wf[a] * (log_ratio[r] * dm[0] + log_ratio[r + 1] * dm[1]                   \
+                                  + log_ratio[r + 2] * dm[2] + log_ratio[r + 3] * dm[3]);           \
+            }                                                                                       \
+            /* a clamped intensity does not move its bins */                                        \
+            const T dv = value * factor * (T)moving_inside;                                         \
+            const T gz = dv * sz[q], gy = dv * sy[q], gx = dv * sx[q];                              \
+            const T x0 = pz[q], x1 = py[q], x2 = px[q];                                             \
+            lanes[0][l] += gz * x0; lanes[1][l] += gz * x1; lanes[2][l] += gz * x2; lanes[3][l] += gz; \
+            lanes[4][l] += gy * x0; lanes[5][l] += gy * x1; lanes[6][l] += gy * x2; lanes[7][l] += gy; \
+            lanes[8][l] += gx * x0; lanes[9][l] += gx * x1; lanes[10][l] += gx * x2; lanes[11][l] += gx; \
+        }                                                                                           \
+    }                                                                                               \
+    for (int s = 0; s < 12; s++) {                                                                  \
+        T sum = (T)0;                                                                               \
+        for (int l = 0; l < MATTES_LANES; l++) sum += lanes[s][l];                                  \
+        gradient[s] += sum;                                                                         \
+    }                                                                                               \
+}                                                                                                   \
+                                                                                                    \
+/* Mattes MI (nats) of the fixed samples (n) at fixed-grid voxel points (3, n) against the moving */ \
+/* volume (d, h, w) at C p, C the 3 x 4 matrix c (rows z, y, x) to moving voxels, and dMI/dC into */ \
+/* gradient (12). ranges: fixed low and scale, moving low and scale, then the padding and the top */ \
+/* bin position; scratch: 4n values. NaN where C or a value is not finite, or memory is short. */   \
+T linear_mattes_##SUFFIX(const T *volume, int64_t d, int64_t h, int64_t w, const T *points,         \
+                         const T *fixed, int64_t n, const T *c, const T *ranges, int64_t bins,      \
+                         T *scratch, T *gradient) {                                                 \
+    const int64_t start = 0, stop = n, cells = bins * bins;                                         \
+    for (int s = 0; s < 12; s++) gradient[s] = (T)0;                                                \
+    for (int s = 0; s < 12; s++)                                                                    \
+        if (!(c[s] - c[s] == (T)0)) return (T)NAN;                                                  \
+    if (bins > MATTES_BINS_MAX) return (T)NAN;                                                      \
+    const int slots = MATTES_SLOTS < MATTES_SLOTS_MAX ? MATTES_SLOTS : MATTES_SLOTS_MAX;            \
+    /* one table per thread, then G */                                                              \
+    T *tables = (T *)calloc((size_t)((slots + 1) * cells), sizeof(T));                              \
+    if (tables == NULL) return (T)NAN;                                                              \
+    T *log_ratio = tables + slots * cells;                                                          \
+    int flags[MATTES_SLOTS_MAX] = {0};                                                              \
+    {                                                                                               \
+        SPLIT(stop - start,                                                                         \
+              flags[MATTES_SLOT] = mattes_histogram_span_##SUFFIX(volume, d, h, w, points, fixed, n, \
+                                                                  c, ranges, bins, scratch,         \
+                                                                  tables + MATTES_SLOT * cells,     \
+                                                                  FROM, TO))                        \
+    }                                                                                               \
+    for (int t = 0; t < slots; t++)                                                                 \
+        if (flags[t]) { free(tables); return (T)NAN; }                                              \
+    for (int t = 1; t < slots; t++)                                                                 \
+        for (int64_t k = 0; k < cells; k++) tables[k] += tables[t * cells + k];                     \
+    const T *joint = tables;                                                                        \
+    T total = (T)0, rows[MATTES_BINS_MAX], columns[MATTES_BINS_MAX];                                \
+    for (int64_t k = 0; k < cells; k++) total += joint[k];                                          \
+    for (int64_t i = 0; i < bins; i++) {                                                            \
+        T row = (T)0, column = (T)0;                                                                \
+        for (int64_t j = 0; j < bins; j++) { row += joint[i * bins + j]; column += joint[j * bins + i]; } \
+        rows[i] = row / total; columns[i] = column / total;                                         \
+    }                                                                                               \
+    T information = (T)0;                                                                           \
+    for (int64_t i = 0; i < bins; i++)                                                              \
+        for (int64_t j = 0; j < bins; j++) {                                                        \
+            const T p = joint[i * bins + j] / total;                                                \
+            T ratio = (T)0;                                                                         \
+            if (p > (T)0) { ratio = LOG(p / (rows[i] * columns[j])); information += p * ratio; }    \
+            log_ratio[i * bins + j] = ratio;                                                        \
+        }                                                                                           \
+    const T factor = ranges[3] / total;                                                             \
+    T *partial = tables; /* the per-thread tables are spent: twelve sums per thread */              \
+    for (int64_t k = 0; k < slots * 12; k++) partial[k] = (T)0;                                     \
+    {                                                                                               \
+        SPLIT(stop - start, mattes_gradient_span_##SUFFIX(points, fixed, n, ranges, bins, scratch,  \
+                                                          log_ratio, factor,                        \
+                                                          partial + MATTES_SLOT * 12, FROM, TO))    \
+    }                                                                                               \
+    for (int t = 0; t < slots; t++)                                                                 \
+        for (int s = 0; s < 12; s++) gradient[s] += partial[t * 12 + s];                            \
+    free(tables);                                                                                   \
+    return information;                                                                             \
+}
+
+
 /* 1 where this library splits its loops over OpenMP threads itself (then the caller does not) */
 int sampler_threads(void) {
 #ifdef _OPENMP
@@ -256,3 +469,5 @@ int sampler_threads(void) {
 
 DEFINE_SAMPLER(float, f32)
 DEFINE_SAMPLER(double, f64)
+DEFINE_MATTES(float, f32, logf)
+DEFINE_MATTES(double, f64, log)

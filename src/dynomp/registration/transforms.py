@@ -184,6 +184,18 @@ def affine_coordinates(
     return map_points(transform, fixed_affine=fixed_affine, moving_affine=moving_affine, points=coordinates)
 
 
+def voxel_map(transform: torch.Tensor, *, fixed_affine: torch.Tensor, moving_affine: torch.Tensor,
+              moving_inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """The homogeneous map M^-1 T F from fixed-grid voxels to moving-grid voxels, in T's dtype.
+
+    `moving_inverse`: M^-1 in float64, for a caller that maps points at every iteration.
+    """
+    dtype, device = transform.dtype, transform.device
+    if moving_inverse is None:
+        moving_inverse = torch.linalg.inv(moving_affine.to(device=device, dtype=torch.float64))
+    return moving_inverse.to(device=device, dtype=dtype) @ transform @ fixed_affine.to(device=device, dtype=dtype)
+
+
 def map_points(
     transform: torch.Tensor, *, fixed_affine: torch.Tensor, moving_affine: torch.Tensor, points: torch.Tensor,
     moving_inverse: torch.Tensor | None = None,
@@ -192,13 +204,10 @@ def map_points(
 
     `moving_inverse`: M^-1 in float64, for a caller that maps points at every iteration.
     """
-    dtype = transform.dtype
-    device = transform.device
     dimensions = points.shape[0]
-    if moving_inverse is None:
-        moving_inverse = torch.linalg.inv(moving_affine.to(device=device, dtype=torch.float64))
-    combined = moving_inverse.to(device=device, dtype=dtype) @ transform @ fixed_affine.to(device=device, dtype=dtype)
-    flat = points.reshape(dimensions, -1).to(dtype)
+    combined = voxel_map(transform, fixed_affine=fixed_affine, moving_affine=moving_affine,
+                         moving_inverse=moving_inverse)
+    flat = points.reshape(dimensions, -1).to(transform.dtype)
     mapped = torch.addmm(combined[:dimensions, dimensions, None], combined[:dimensions, :dimensions], flat)
     return mapped.reshape(points.shape)
 

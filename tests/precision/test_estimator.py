@@ -144,3 +144,45 @@ def test_load_kernels_readies_the_statistics_for_every_dtype_pair():
     assert len(_sums.signatures) >= 4
     assert {(str(s[0].dtype), str(s[1].dtype)) for s in _sums.signatures} >= {
         ("float32", "float32"), ("float64", "float64"), ("float32", "float64"), ("float64", "float32")}
+    from dynomp import native
+    from dynomp.precision.estimator import native_statistics
+
+    if native.compiler() is not None:
+        assert set(native_statistics()) == {(a, b) for a in (torch.float32, torch.float64)
+                                            for b in (torch.float32, torch.float64)}
+
+
+@pytest.mark.parametrize("first", [torch.float32, torch.float64])
+@pytest.mark.parametrize("second", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [37, 200_003])  # one thread; split over threads with a ragged tail
+def test_c_statistics_give_the_numba_kernels_numbers(monkeypatch, first, second, count):
+    from dynomp import native
+    from dynomp.precision import estimator
+
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    generator = torch.Generator().manual_seed(count)
+    a = (torch.randn(count, dtype=torch.float64, generator=generator) * 3).to(first)
+    b = (a.double() + torch.randn(count, dtype=torch.float64, generator=generator) * 0.01).to(second)
+    results = []
+    for kernels in (None, {}):  # None: load the C kernels; {}: none, so the numba kernel runs
+        monkeypatch.setattr(estimator, "_native_statistics", kernels)
+        results.append(estimator._compiled_sums(a, b.clone()))
+    (squares, differences, largest), (_, _, numba_largest) = results
+    exact = (a.double() ** 2).sum(), ((a.double() - b.double()) ** 2).sum(), a.double().abs().max()
+    for ours, theirs, reference in zip(results[0], results[1], exact, strict=True):
+        assert ours == pytest.approx(float(reference), rel=1e-12)
+        assert ours == pytest.approx(theirs, rel=1e-12)
+    assert largest == numba_largest == float(exact[2])
+    assert differences > 0 and squares > 0
+    # keep: b becomes a in the same pass (same dtype only), and the sums are those of the old b
+    if first == second:
+        monkeypatch.setattr(estimator, "_native_statistics", None)
+        kept = b.clone()
+        assert estimator._compiled_sums(a, kept, keep=True)[1] == pytest.approx(differences, rel=1e-12)
+        assert torch.equal(kept, a)
+    # a NaN or an infinity anywhere makes the squares non-finite, as the divergence check needs
+    for bad in (math.nan, math.inf):
+        broken = a.clone()
+        broken[count // 2] = bad
+        assert not math.isfinite(estimator._compiled_sums(broken, b)[0])

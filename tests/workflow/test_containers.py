@@ -46,6 +46,7 @@ def test_each_definition_parses_names_its_base_and_installs_the_package(path: Pa
     # the C sampler is compiled on the node at first use: the image carries a compiler for it
     tests = text.split("%test", 1)[1]
     assert "gcc libc6-dev" in commands and "native_kernels()" in tests and "filter_kernels()" in tests
+    assert "native_statistics()" in tests
 
 
 def test_the_torch_builds_match_the_images() -> None:

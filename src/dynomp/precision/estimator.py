@@ -15,13 +15,16 @@ fp16 state cannot overflow them.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from numba import njit
 
+from dynomp import native
 from dynomp.threads import run_split
 
 PMIN_CONSTANT = 4.0 + 3.0 * math.sqrt(2.0)
@@ -172,8 +175,9 @@ def _sums(a, b, keep, start, stop):  # pragma: no cover - compiled
 
 
 def load_kernels() -> None:
-    """Load (or compile) the statistics kernel for every pair of float32/float64 tensors now: a
+    """Load (or compile) the statistics kernels for every pair of float32/float64 tensors now: a
     state and its previous step differ in dtype for one step after a format change."""
+    native_statistics()
     for first in (np.float32, np.float64):
         for second in (np.float32, np.float64):
             _sums(np.zeros(1, dtype=first), np.zeros(1, dtype=second), False, 0, 1)
@@ -181,6 +185,29 @@ def load_kernels() -> None:
 
 def _compiled_applies(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.dtype in _COMPILED_DTYPES for t in tensors)
+
+
+_SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+_native_statistics: dict[tuple[torch.dtype, torch.dtype], Any] | None = None
+
+
+def native_statistics() -> dict[tuple[torch.dtype, torch.dtype], Any]:
+    """The C statistics kernels (`statistics.c`) by (dtype of a, dtype of b), compiled for this
+    machine on first use; empty where no C compiler is available or `DYNOMP_NATIVE=0` (the numba
+    kernel `_sums` runs then)."""
+    global _native_statistics
+    if _native_statistics is None:
+        library = native.library("precision/statistics", fallback="the numba statistics kernel")
+        _native_statistics = {}
+        if library is not None:
+            for first, first_suffix in _SUFFIXES.items():
+                for second, second_suffix in _SUFFIXES.items():
+                    kernel = getattr(library, f"statistics_{first_suffix}_{second_suffix}")
+                    kernel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
+                    kernel.restype = None
+                    _native_statistics[first, second] = kernel
+    return _native_statistics
 
 
 def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = False) -> tuple[float, float, float]:
@@ -193,7 +220,15 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = Fals
     keep = keep and b is not None
     if flat.numel() == 0:
         return 0.0, 0.0, 0.0
-    parts = run_split(_sums, flat.numpy(), other.numpy(), keep, points=flat.numel())
+    kernel = native_statistics().get((flat.dtype, other.dtype))
+    if kernel is not None:
+        # one row per thread the call may use (torch's OpenMP threads), zeros where one did not run
+        slots = max(1, torch.get_num_threads())
+        out = np.zeros((slots, 3), dtype=np.float64)
+        kernel(flat.data_ptr(), other.data_ptr(), 0, flat.numel(), int(keep), out.ctypes.data, slots)
+        parts = out.tolist()
+    else:
+        parts = run_split(_sums, flat.numpy(), other.numpy(), keep, points=flat.numel())
     squares = math.fsum(part[0] for part in parts)
     # a NaN anywhere makes the sums NaN; the maximum, compared without NaN, says so too
     largest = math.nan if math.isnan(squares) else max(part[2] for part in parts)

@@ -151,11 +151,16 @@ def optimize_level(
         with setting.context():
             loss, gradients = problem.evaluate()
         loss_value = float(loss)
-        if not math.isfinite(loss_value) or not all(bool(torch.isfinite(g).all()) for g in gradients):
+        if not math.isfinite(loss_value):
             raise RegistrationDiverged(stage=stage, level=level, iteration=iteration)
         with setting.context():
             problem.step(gradients)
+        # the controller reads every gradient value anyway: a NaN or infinite one makes their
+        # squared norm (float64) non-finite, and the iteration diverged (its step is dropped with
+        # the stage: a step skips a NaN direction, and the outputs use the stages before)
         observation = setting.observe(problem.state(), gradients)
+        if not observation["gradients_finite"]:
+            raise RegistrationDiverged(stage=stage, level=level, iteration=iteration)
         if observation["changed"]:
             problem.cast(setting)
         seconds = time.perf_counter() - start

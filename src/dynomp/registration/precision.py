@@ -116,6 +116,9 @@ class PrecisionSetting:
             "changed": changed,
             "pmin": float(row["pmin"]),
             "pmin_smoothed": float(row["pmin_smoothed"]),
+            # float64 squares: not finite exactly where a gradient is NaN or infinite (or above
+            # 1e154 in magnitude, which no converging registration computes)
+            "gradients_finite": math.isfinite(row["grad_norm"]),
         }
 
 

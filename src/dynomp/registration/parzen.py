@@ -179,15 +179,9 @@ class _LinearMattes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, combined: torch.Tensor, problem: LinearInformation) -> torch.Tensor:
-        matrix = combined.detach().contiguous()
-        gradient = torch.empty_like(matrix)
-        information = problem.kernel(
-            problem.moving.data_ptr(), *problem.moving.shape, problem.points.data_ptr(),
-            problem.fixed.data_ptr(), problem.fixed.numel(), matrix.data_ptr(), problem.ranges.ctypes.data,
-            problem.bins, problem.scratch.data_ptr(), gradient.data_ptr(),
-        )
-        ctx.save_for_backward(gradient)
-        return torch.tensor(information, dtype=matrix.dtype)
+        information, gradient = problem.value_and_gradient(combined.detach().numpy())
+        ctx.save_for_backward(torch.from_numpy(gradient))
+        return torch.tensor(information, dtype=combined.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -234,6 +228,17 @@ class LinearInformation:
             and moving.dtype in (torch.float32, torch.float64) and moving.numel() < 2**31
             and ("linear_mattes", moving.dtype) in native_kernels()
         )
+
+    def value_and_gradient(self, combined: np.ndarray) -> tuple[float, np.ndarray]:
+        """MI at the 3 x 4 map `combined` (a NumPy array, cast to the volume's dtype) and dMI/dC."""
+        matrix = np.ascontiguousarray(combined[:3], dtype=self.ranges.dtype)
+        gradient = np.empty_like(matrix)
+        information = self.kernel(
+            self.moving.data_ptr(), *self.moving.shape, self.points.data_ptr(), self.fixed.data_ptr(),
+            self.fixed.numel(), matrix.ctypes.data, self.ranges.ctypes.data, self.bins,
+            self.scratch.data_ptr(), gradient.ctypes.data,
+        )
+        return information, gradient
 
     def __call__(self, combined: torch.Tensor) -> torch.Tensor:
         """MI (nats) at the 3 x 4 (or homogeneous 4 x 4) map C, a tensor of the volume's dtype."""

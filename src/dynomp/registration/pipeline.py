@@ -37,6 +37,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp.registration.config import RegistrationConfig, StageConfig
+from dynomp.registration.interpolation import NUMPY_DTYPES
 from dynomp.registration.metrics import Loss, build_loss, largest_intermediate
 from dynomp.registration.optimizer import (
     ConvergenceMonitor,
@@ -60,7 +61,6 @@ from dynomp.registration.transforms import (
     rotation_matrix,
     sample,
     to_physical,
-    voxel_map,
     warp,
 )
 
@@ -211,13 +211,9 @@ class LinearProblem:
         elsewhere, and under an emulated format, the points are mapped and sampled and the loss
         built from torch operations (the same quantity, to rounding).
         """
-        parameters = self.parameters.detach().requires_grad_(True)
         if self.information is not None and _get_current_dispatch_mode() is None:
-            combined = voxel_map(self.matrix(parameters), fixed_affine=self.fixed_affine,
-                                 moving_affine=self.moving_affine, moving_inverse=self.moving_inverse)
-            loss = -self.information(combined)
-            (gradient,) = torch.autograd.grad(loss, parameters)
-            return loss.detach(), [gradient]
+            return self._fused_evaluate()
+        parameters = self.parameters.detach().requires_grad_(True)
         coordinates = map_points(
             self.matrix(parameters), fixed_affine=self.fixed_affine,
             moving_affine=self.moving_affine, points=self.points, moving_inverse=self.moving_inverse,
@@ -229,6 +225,42 @@ class LinearProblem:
             loss = self.loss(self.fixed, moving_values)
         (gradient,) = torch.autograd.grad(loss, parameters)
         return loss.detach(), [gradient]
+
+    def _fused_evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`evaluate` through the fused kernel, the chain rule to the parameters written out.
+
+        The 4 x 4 products that make C = M^-1 H F and carry dL/dC back to the parameters are
+        NumPy arithmetic in the parameters' dtype: the same operations autograd would run, without
+        its bookkeeping (at the coarse levels, that bookkeeping was most of an iteration).
+        """
+        dtype = NUMPY_DTYPES[self.parameters.dtype]
+        parameters = self.parameters.detach().cpu().numpy()
+        center = self.center.detach().cpu().numpy().astype(dtype)
+        moving_inverse, fixed_affine = (m.cpu().numpy().astype(dtype) for m in (self.moving_inverse, self.fixed_affine))
+        linear, translation = parameters[:-3], parameters[-3:]
+        if self.kind == "rigid":
+            matrix, partials = rotation_with_partials(linear)
+        else:
+            matrix, partials = linear.reshape(3, 3), None
+        transform = np.eye(4, dtype=dtype)
+        transform[:3, :3] = matrix
+        transform[:3, 3] = center - matrix @ center + translation
+        left = moving_inverse @ transform
+        information, gradient = self.information.value_and_gradient(left @ fixed_affine)
+        # loss = -MI; C = (M^-1 H) F: dL/dH = M^-1^T (dL/dC) F^T, with dL/dC's last row zero
+        to_map = np.zeros((4, 4), dtype=dtype)
+        to_map[:3] = -gradient
+        to_transform = moving_inverse.T @ (to_map @ fixed_affine.T)
+        to_translation = to_transform[:3, 3]
+        to_matrix = to_transform[:3, :3] - np.outer(to_translation, center)
+        if partials is None:
+            to_linear = to_matrix.reshape(-1)
+        else:
+            to_linear = np.asarray([(to_matrix * partial).sum() for partial in partials], dtype=dtype)
+        result = np.concatenate([to_linear, to_translation]).astype(dtype)
+        device = self.parameters.device
+        return (torch.tensor(-information, dtype=self.parameters.dtype, device=device),
+                [torch.from_numpy(result).to(device)])
 
     def step(self, gradients: list[torch.Tensor]) -> None:
         """One scaled gradient-descent step."""
@@ -309,6 +341,28 @@ def linear_transform(kind: str, parameters: torch.Tensor, *, center: torch.Tenso
     else:
         matrix = linear.reshape(dimensions, dimensions)
     return homogeneous(matrix, translation, center.to(device=parameters.device, dtype=parameters.dtype))
+
+
+def rotation_with_partials(angles: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`transforms.rotation_matrix` of three angles (R = Rz Ry Rx) and its derivative with respect to
+    each angle, in the angles' NumPy dtype."""
+    dtype = angles.dtype
+    cosines, sines = np.cos(angles), np.sin(angles)
+    rotations, derivatives = [], []
+    for axis, (cos, sin) in enumerate(zip(cosines, sines, strict=True)):
+        # about x: rows/columns (1, 2); about y: (2, 0); about z: (0, 1), as rotation_matrix builds them
+        first, second = [(1, 2), (2, 0), (0, 1)][axis]
+        rotation, derivative = np.eye(3, dtype=dtype), np.zeros((3, 3), dtype=dtype)
+        rotation[first, first], rotation[first, second] = cos, -sin
+        rotation[second, first], rotation[second, second] = sin, cos
+        derivative[first, first], derivative[first, second] = -sin, -cos
+        derivative[second, first], derivative[second, second] = cos, -sin
+        rotations.append(rotation)
+        derivatives.append(derivative)
+    about_x, about_y, about_z = rotations
+    partials = [about_z @ about_y @ derivatives[0], about_z @ derivatives[1] @ about_x,
+                derivatives[2] @ about_y @ about_x]
+    return about_z @ about_y @ about_x, partials
 
 
 def _initial_parameters(kind: str, transform: torch.Tensor, center: torch.Tensor,

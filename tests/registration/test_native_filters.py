@@ -128,3 +128,42 @@ def test_filter_arguments_are_checked():
     with pytest.raises(ValueError, match=r"kernels: a centred kernel has an odd number of taps, not 2"):
         separable_filter(volume, [[1.0, 1.0], None, None], edges="zeros", dimensions=3)
     assert separable_filter(volume, [None] * 3, edges="zeros", dimensions=3) is volume
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(9, 12, 10), (40, 41, 43)])  # one thread; split over threads
+def test_fused_correlation_passes_give_the_torch_operations_numbers(monkeypatch, dtype, shape):
+    from dynomp.registration import metrics
+
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    generator = torch.Generator().manual_seed(sum(shape))
+    fixed = pyramid.smooth(torch.rand(*shape, dtype=torch.float64, generator=generator), 1.0, dimensions=3)
+    moving = 0.5 * fixed + 0.5 * pyramid.smooth(torch.rand(*shape, dtype=torch.float64, generator=generator), 1.0,
+                                                dimensions=3)
+    # a flat corner: zero variance there (the epsilon and the clamps at work)
+    fixed[:3, :3, :3] = 0.25
+    fixed, moving = fixed.to(dtype), moving.to(dtype)
+    results = []
+    for kernels in (None, {}):  # None: load the C passes; {}: none, so the torch operations run
+        monkeypatch.setattr(metrics, "_correlation_kernels", kernels)
+        a, b = fixed.clone().requires_grad_(True), moving.clone().requires_grad_(True)
+        loss = metrics.local_cross_correlation(a, b, radius=4)
+        results.append((loss.detach(), *torch.autograd.grad(3.0 * loss, [a, b])))
+    (loss, grad_fixed, grad_moving), (expected, expected_fixed, expected_moving) = results
+    monkeypatch.setattr(metrics, "_correlation_kernels", None)
+    assert metrics.correlation_kernels(), "a C compiler is here, so the fused passes must load"
+    assert loss.dtype == dtype and 0.2 < float(loss) <= 1.0
+    tolerance = 1e-13 if dtype == torch.float64 else 1e-5
+    assert abs(float(loss) - float(expected)) <= tolerance * float(expected)
+    for ours, theirs in ((grad_fixed, expected_fixed), (grad_moving, expected_moving)):
+        assert float(theirs.abs().max()) > 0
+        assert float((ours - theirs).abs().max()) <= tolerance * float(theirs.abs().max())
+    # one gradient only, where only one image is differentiated
+    b = moving.clone().requires_grad_(True)
+    (only,) = torch.autograd.grad(3.0 * metrics.local_cross_correlation(fixed, b, radius=4), [b])
+    assert torch.equal(only, grad_moving)
+    # a NaN voxel turns the loss NaN (the engine then records a divergence)
+    broken = moving.clone()
+    broken[4, 5, 6] = float("nan")
+    assert torch.isnan(metrics.local_cross_correlation(fixed, broken, radius=4))

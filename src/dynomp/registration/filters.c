@@ -18,6 +18,7 @@
  * overlap. The taps are summed in order k = 0..2 radius, each a multiply and an add in the
  * volume's type.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -149,6 +150,133 @@ void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, in
     }                                                                                              \
 }
 
+/* Local CC's pointwise passes (metrics.py's _LocalCrossCorrelation), fused: the five maps it
+ * box-sums, then from their box sums the clamped correlation of every window and the seven maps
+ * whose box sums make the gradient, then the gradients; each a single pass in the volume's type,
+ * where the same arithmetic as torch operations took about thirty passes over volume-sized
+ * temporaries. The box sums between them are filter_axis's. */
+#define CC_CHUNK 4096
+#define CC_LANES 16
+#define CC_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define CC_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#define DEFINE_CORRELATION(T, SUFFIX)                                                               \
+                                                                                                    \
+/* the five maps local CC box-sums, f, m, f m, f^2 and m^2, into out (5 x n) */                     \
+static SPAN void cc_products_span_##SUFFIX(const T *restrict f, const T *restrict m,                \
+                                           T *restrict o0, T *restrict o1, T *restrict o2,          \
+                                           T *restrict o3, T *restrict o4, int64_t first,           \
+                                           int64_t last) {                                          \
+    for (int64_t q = first; q < last; q++) {                                                        \
+        const T a = f[q], b = m[q];                                                                 \
+        o0[q] = a; o1[q] = b; o2[q] = a * b; o3[q] = a * a; o4[q] = b * b;                          \
+    }                                                                                               \
+}                                                                                                   \
+                                                                                                    \
+void cc_products_##SUFFIX(const T *f, const T *m, T *out, int64_t n) {                              \
+    const int64_t work = n;                                                                         \
+    PARALLEL_FOR(work)                                                                              \
+    for (int64_t first = 0; first < n; first += CC_CHUNK)                                           \
+        cc_products_span_##SUFFIX(f, m, out, out + n, out + 2 * n, out + 3 * n, out + 4 * n, first, \
+                                  first + CC_CHUNK < n ? first + CC_CHUNK : n);                     \
+}                                                                                                   \
+                                                                                                    \
+/* from the five box sums (5 x d x h x w) of a radius-r box: the seven maps (7 x d x h x w) whose */ \
+/* box sums make the gradient, and the sum of the clamped correlations (returned) */                \
+/* one row of the weights pass: w voxels whose box holds `along_zy` times its count along x voxels */ \
+static SPAN T cc_weights_row_##SUFFIX(const T *restrict s0, const T *restrict s1,                   \
+                                      const T *restrict s2, const T *restrict s3,                   \
+                                      const T *restrict s4, T *restrict o0, T *restrict o1,         \
+                                      T *restrict o2, T *restrict o3, T *restrict o4,               \
+                                      T *restrict o5, T *restrict o6, int64_t w, int64_t radius,    \
+                                      T along_zy, T voxels) {                                       \
+    const T epsilon = (T)1e-5;                                                                      \
+    T lanes[CC_LANES];                                                                              \
+    for (int l = 0; l < CC_LANES; l++) lanes[l] = (T)0;                                             \
+    for (int64_t first = 0; first < w; first += CC_LANES) {                                         \
+        const int64_t count_here = w - first < CC_LANES ? w - first : CC_LANES;                     \
+        for (int64_t l = 0; l < count_here; l++) {                                                  \
+            const int64_t k = first + l;                                                            \
+            const T count = along_zy * (T)(CC_MIN(k + radius, w - 1) - CC_MAX(k - radius, 0) + 1);  \
+            const T sum_f = s0[k], sum_m = s1[k];                                                   \
+            const T mean_f = sum_f / count, mean_m = sum_m / count;                                 \
+            const T cross = s2[k] - sum_f * mean_m;                                                 \
+            const T fixed_variance = s3[k] - sum_f * mean_f, moving_variance = s4[k] - sum_m * mean_m; \
+            /* clamps that keep a NaN (as torch's do): a diverging run's loss turns NaN */          \
+            const T fixed_positive = fixed_variance < (T)0 ? (T)0 : fixed_variance;                 \
+            const T moving_positive = moving_variance < (T)0 ? (T)0 : moving_variance;              \
+            const T denominator = fixed_positive * moving_positive + epsilon * count;               \
+            const T correlation = cross * cross / denominator;                                      \
+            const T scale = (correlation <= (T)1 ? (T)1 : (T)0) / (denominator * voxels);           \
+            const T cross_weight = (T)2 * cross * scale;                                            \
+            const T squared = cross * cross * scale / denominator;                                  \
+            const T fixed_weight = -squared * moving_positive * (fixed_variance >= (T)0 ? (T)1 : (T)0); \
+            const T moving_weight = -squared * fixed_positive * (moving_variance >= (T)0 ? (T)1 : (T)0); \
+            o0[k] = cross_weight; o1[k] = cross_weight * mean_f; o2[k] = cross_weight * mean_m;     \
+            o3[k] = fixed_weight; o4[k] = fixed_weight * mean_f;                                    \
+            o5[k] = moving_weight; o6[k] = moving_weight * mean_m;                                  \
+            lanes[l] += correlation > (T)1 ? (T)1 : correlation;                                    \
+        }                                                                                           \
+    }                                                                                               \
+    T sum = (T)0;                                                                                   \
+    for (int l = 0; l < CC_LANES; l++) sum += lanes[l];                                             \
+    return sum;                                                                                     \
+}                                                                                                   \
+                                                                                                    \
+/* from the five box sums (5 x d x h x w) of a radius-r box: the seven maps (7 x d x h x w) whose */ \
+/* box sums make the gradient, and the sum of the clamped correlations (returned) */                \
+T cc_weights_##SUFFIX(const T *sums, int64_t d, int64_t h, int64_t w, int64_t radius, T *out) {     \
+    const int64_t n = d * h * w;                                                                    \
+    const T voxels = (T)n;                                                                          \
+    /* one sum per row, added up in order after: the same total on any number of threads */         \
+    T *row_sums = (T *)malloc((size_t)(d * h) * sizeof(T));                                         \
+    if (row_sums == NULL) return (T)NAN;                                                            \
+    const int64_t work = n;                                                                         \
+    PARALLEL_FOR(work)                                                                              \
+    for (int64_t row = 0; row < d * h; row++) {                                                     \
+        const int64_t i = row / h, j = row % h, at = row * w;                                       \
+        const T along_zy = (T)((CC_MIN(i + radius, d - 1) - CC_MAX(i - radius, 0) + 1)              \
+                               * (CC_MIN(j + radius, h - 1) - CC_MAX(j - radius, 0) + 1));          \
+        row_sums[row] = cc_weights_row_##SUFFIX(                                                    \
+            sums + at, sums + n + at, sums + 2 * n + at, sums + 3 * n + at, sums + 4 * n + at,      \
+            out + at, out + n + at, out + 2 * n + at, out + 3 * n + at, out + 4 * n + at,           \
+            out + 5 * n + at, out + 6 * n + at, w, radius, along_zy, voxels);                       \
+    }                                                                                               \
+    T total = (T)0;                                                                                 \
+    for (int64_t row = 0; row < d * h; row++) total += row_sums[row];                               \
+    free(row_sums);                                                                                 \
+    return total;                                                                                   \
+}                                                                                                   \
+                                                                                                    \
+/* scale (a s0 - first + 2 (b second - third)): dL/df with (a, b) = (m, f), dL/dm with (f, m) */    \
+static SPAN void cc_gradient_span_##SUFFIX(const T *restrict a, const T *restrict b,                \
+                                           const T *restrict s0, const T *restrict first_sum,       \
+                                           const T *restrict second_sum, const T *restrict third_sum, \
+                                           T scale, T *restrict grad, int64_t first, int64_t last) { \
+    for (int64_t q = first; q < last; q++)                                                          \
+        grad[q] = scale * (a[q] * s0[q] - first_sum[q] + (T)2 * (b[q] * second_sum[q] - third_sum[q])); \
+}                                                                                                   \
+                                                                                                    \
+/* the gradients from the seven maps' box sums (7 x n), times `scale` (the loss's incoming */       \
+/* gradient), into grad_f and grad_m (either may be NULL) */                                        \
+void cc_gradient_##SUFFIX(const T *f, const T *m, const T *sums, int64_t n, T scale, T *grad_f,     \
+                          T *grad_m) {                                                              \
+    const int64_t work = n;                                                                         \
+    PARALLEL_FOR(work)                                                                              \
+    for (int64_t first = 0; first < n; first += CC_CHUNK) {                                         \
+        const int64_t last = first + CC_CHUNK < n ? first + CC_CHUNK : n;                           \
+        if (grad_f != NULL)                                                                         \
+            cc_gradient_span_##SUFFIX(m, f, sums, sums + 2 * n, sums + 3 * n, sums + 4 * n, scale,  \
+                                      grad_f, first, last);                                         \
+        if (grad_m != NULL)                                                                         \
+            cc_gradient_span_##SUFFIX(f, m, sums, sums + n, sums + 5 * n, sums + 6 * n, scale,      \
+                                      grad_m, first, last);                                         \
+    }                                                                                               \
+}
+
+
 DEFINE_FILTER(float, f32)
 DEFINE_FILTER(double, f64)
+DEFINE_CORRELATION(float, f32)
+DEFINE_CORRELATION(double, f64)
 

@@ -16,12 +16,15 @@ float32/float64 tensors; elsewhere, and under an emulated format, MI is torch op
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from dynomp import native
 from dynomp.registration.parzen import compiled_information
 from dynomp.registration.pyramid import separable_filter
 
@@ -188,6 +191,41 @@ def _window_statistics(fixed: torch.Tensor, moving: torch.Tensor, radius: int) -
             "denominator": denominator}
 
 
+_correlation_kernels: dict[torch.dtype, tuple[Any, Any, Any]] | None = None
+
+
+def correlation_kernels() -> dict[torch.dtype, tuple[Any, Any, Any]]:
+    """Local CC's fused pointwise passes (`filters.c`: products, weights, gradient) by dtype,
+    compiled with the C filter; empty where it is unavailable (the torch operations run then)."""
+    global _correlation_kernels
+    if _correlation_kernels is None:
+        library = native.library("registration/filters", fallback="BLAS matrix products")
+        _correlation_kernels = {}
+        if library is not None:
+            pointer, size = ctypes.c_void_p, ctypes.c_int64
+            for dtype, suffix, real in ((torch.float32, "f32", ctypes.c_float),
+                                        (torch.float64, "f64", ctypes.c_double)):
+                kernels = (getattr(library, f"cc_products_{suffix}"), getattr(library, f"cc_weights_{suffix}"),
+                           getattr(library, f"cc_gradient_{suffix}"))
+                kernels[0].argtypes, kernels[0].restype = [pointer, pointer, pointer, size], None
+                kernels[1].argtypes, kernels[1].restype = [pointer, size, size, size, size, pointer], real
+                kernels[2].argtypes = [pointer, pointer, pointer, size, real, pointer, pointer]
+                kernels[2].restype = None
+                _correlation_kernels[dtype] = kernels
+    return _correlation_kernels
+
+
+def _correlation_kernels_for(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[Any, Any, Any] | None:
+    """The fused kernels for these images, or None where the torch operations must run: another
+    device, dtype or dimensionality, an emulated format (a dispatch mode rounds every operation),
+    or no C compiler."""
+    if (fixed.dim() != 3 or fixed.shape != moving.shape or fixed.dtype != moving.dtype
+            or fixed.device.type != "cpu" or moving.device.type != "cpu"
+            or _get_current_dispatch_mode() is not None):
+        return None
+    return correlation_kernels().get(fixed.dtype)
+
+
 class _LocalCrossCorrelation(torch.autograd.Function):
     """mean_w c_w, c_w = A_w^2 / (B_w C_w + eps_w), clamped to 1, and its gradient in closed form.
 
@@ -202,6 +240,21 @@ class _LocalCrossCorrelation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fixed: torch.Tensor, moving: torch.Tensor, radius: int) -> torch.Tensor:
+        ctx.radius = radius
+        kernels = _correlation_kernels_for(fixed, moving)
+        ctx.kernels = kernels
+        if kernels is not None:
+            products, weights, _ = kernels
+            fixed, moving = fixed.detach().contiguous(), moving.detach().contiguous()
+            shape, count = tuple(fixed.shape), fixed.numel()
+            maps = torch.empty(5, *shape, dtype=fixed.dtype)
+            products(fixed.data_ptr(), moving.data_ptr(), maps.data_ptr(), count)
+            sums = box_sum(maps, radius=radius, dimensions=3)
+            del maps
+            gradient_maps = torch.empty(7, *shape, dtype=fixed.dtype)
+            total = weights(sums.data_ptr(), *shape, radius, gradient_maps.data_ptr())
+            ctx.save_for_backward(fixed, moving, gradient_maps)
+            return torch.tensor(total, dtype=fixed.dtype) / count
         stats = _window_statistics(fixed, moving, radius)
         cross, denominator = stats["cross"], stats["denominator"]
         correlation = cross * cross / denominator
@@ -215,11 +268,19 @@ class _LocalCrossCorrelation(torch.autograd.Function):
             moving_weight = -squared * stats["fixed_variance"].clamp(min=0) * (stats["moving_variance"] >= 0)
             ctx.save_for_backward(fixed, moving, stats["mean_fixed"], stats["mean_moving"], cross_weight,
                                   fixed_weight, moving_weight)
-        ctx.radius = radius
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        if ctx.kernels is not None:
+            fixed, moving, gradient_maps = ctx.saved_tensors
+            sums = box_sum(gradient_maps, radius=ctx.radius, dimensions=3)
+            grad_fixed = torch.empty_like(fixed) if ctx.needs_input_grad[0] else None
+            grad_moving = torch.empty_like(moving) if ctx.needs_input_grad[1] else None
+            ctx.kernels[2](fixed.data_ptr(), moving.data_ptr(), sums.data_ptr(), fixed.numel(), float(grad),
+                           None if grad_fixed is None else grad_fixed.data_ptr(),
+                           None if grad_moving is None else grad_moving.data_ptr())
+            return grad_fixed, grad_moving, None
         fixed, moving, mean_fixed, mean_moving, cross_weight, fixed_weight, moving_weight = ctx.saved_tensors
         sums = box_sum(torch.stack([
             cross_weight, cross_weight * mean_fixed, cross_weight * mean_moving,

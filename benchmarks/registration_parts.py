@@ -8,14 +8,17 @@ Markdown table with fp32 / fp64 per part:
 
 - MI value and gradient at 25 % of the voxels (rigid and affine): compiled (`parzen`) and as
   torch operations (what CUDA and the emulated formats run);
+- a rigid or affine evaluation at those voxels (sample at C p, MI, dMI/dC): the fused C kernel
+  (`parzen.LinearInformation`), and the C sampler, compiled MI and autograd it replaced;
 - one image warped at x + u(x), value and gradient (SyN's evaluate warps two): the compiled
   displaced sampler, the sampler at coordinates built as identity + u, and the displaced sampler's
   numba fallback (what runs where there is no C compiler);
 - a field composed with an update (SyN's step composes two), with the C sampler and with numba's;
-- local CC (radius 4), value and both gradients, with the C filter's box sums and with BLAS matrix
-  products (the fallback);
+- local CC (radius 4), value and both gradients: the fused C passes, the torch operations with the
+  C filter's box sums, and the torch operations with BLAS matrix products (the fallback);
 - Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update), C filter and BLAS;
-- the precision controller's observation of SyN's state (two fields and their gradients).
+- the precision controller's observation of SyN's state (two fields and their gradients), with
+  the C statistics pass and with the numba one.
 
 Each round times every part in both formats in turn (mean of `--inner` calls after a warm-up
 call), and the table reports the median over `--repeats` rounds, so that drift in the machine's
@@ -31,8 +34,9 @@ from collections.abc import Callable
 
 import torch
 
+from dynomp.precision import estimator
 from dynomp.precision.controller import PrecisionController
-from dynomp.registration import interpolation, pyramid
+from dynomp.registration import interpolation, metrics, pyramid
 from dynomp.registration.interpolation import load_kernels
 from dynomp.registration.metrics import (
     joint_histogram,
@@ -41,6 +45,7 @@ from dynomp.registration.metrics import (
     mutual_information_of_histogram,
     parzen_taps,
 )
+from dynomp.registration.parzen import LinearInformation
 from dynomp.registration.pyramid import smooth
 from dynomp.registration.transforms import compose, identity_coordinates, sample, warp
 
@@ -67,6 +72,16 @@ def numba_sampler(function: Callable[[], object]) -> Callable[[], None]:
 def matrix_filters(function: Callable[[], object]) -> Callable[[], None]:
     """`function` with the C separable filter set aside: the BLAS matrix products run."""
     return set_aside(pyramid.filter_kernels, pyramid, "_filter_kernels", function)
+
+
+def torch_correlation(function: Callable[[], object]) -> Callable[[], None]:
+    """`function` with local CC's fused C passes set aside: its torch operations run (C box sums)."""
+    return set_aside(metrics.correlation_kernels, metrics, "_correlation_kernels", function)
+
+
+def numba_statistics(function: Callable[[], object]) -> Callable[[], None]:
+    """`function` with the controller's C statistics set aside: the numba kernel runs."""
+    return set_aside(estimator.native_statistics, estimator, "_native_statistics", function)
 
 
 def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable[[], object]]:
@@ -98,6 +113,22 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
                                 parzen_taps(values, low=moving_range[0], high=moving_range[1], bins=32), bins=32)
         torch.autograd.grad(mutual_information_of_histogram(joint), values)
 
+    # a rigid or affine level's evaluation: the moving image sampled at C p, MI and dMI/dC
+    combined = torch.tensor([[1.02, 0.03, -0.01, 0.8], [-0.02, 0.98, 0.02, -0.5], [0.01, -0.03, 1.01, 0.3]],
+                            dtype=dtype)
+    points = identity.reshape(3, -1)[:, samples]
+    fused = LinearInformation(moving=moving, points=points, fixed=fixed_samples, bins=32, padding=2,
+                              fixed_range=fixed_range, moving_range=moving_range)
+
+    def linear_fused() -> None:
+        fused.value_and_gradient(combined.numpy())
+
+    def linear_torch() -> None:
+        matrix = combined.clone().requires_grad_(True)
+        values = sample(moving, matrix[:, :3] @ points + matrix[:, 3:])
+        torch.autograd.grad(mutual_information(fixed_samples, values, bins=32, fixed_range=fixed_range,
+                                               moving_range=moving_range), matrix)
+
     def warp_displaced() -> None:
         displacement = field.clone().requires_grad_(True)
         torch.autograd.grad(warp(moving, displacement).sum(), displacement)
@@ -117,16 +148,20 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
     return {
         "MI value + gradient, compiled (78,829 samples)": mi_compiled,
         "MI value + gradient, torch operations": mi_torch,
+        "linear map: sample + MI + dMI/dC, fused C kernel": linear_fused,
+        "linear map: sample + MI + dMI/dC, sampler + compiled MI + autograd": linear_torch,
         "warp value + gradient, displaced sampler": warp_displaced,
         "warp value + gradient, sampler at identity + u": warp_coordinates,
         "warp value + gradient, displaced sampler, numba fallback": numba_sampler(warp_displaced),
         "compose a field with an update": lambda: compose(field, update),
         "compose a field with an update, numba fallback": numba_sampler(lambda: compose(field, update)),
         "local CC r=4, value + both gradients": cc,
-        "local CC r=4, value + both gradients, BLAS box sums": matrix_filters(cc),
+        "local CC r=4, value + both gradients, torch pointwise operations": torch_correlation(cc),
+        "local CC r=4, value + both gradients, torch operations and BLAS box sums": torch_correlation(matrix_filters(cc)),
         "smooth a 3-component field, sigma 3": lambda: smooth(update, 3.0, dimensions=3),
         "smooth a 3-component field, sigma 3, BLAS": matrix_filters(lambda: smooth(update, 3.0, dimensions=3)),
         "controller observe (2 fields + 2 gradients)": lambda: controller.observe(state, gradients),
+        "controller observe, numba statistics": numba_statistics(lambda: controller.observe(state, gradients)),
     }
 
 

@@ -186,7 +186,7 @@ _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of t
     "sample_points_backward": [_POINTER, *[_SIZE] * 4, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _SIZE],
     "sample_displaced": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _SIZE, _SIZE],
     "sample_displaced_backward": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _SIZE],
-    # Mattes MI under a linear map (parzen.linear_information): no split, it returns the MI
+    # Mattes MI under a linear map (parzen.LinearInformation): no split, it returns the MI
     "linear_mattes": [_POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER],
 }
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from dynomp.registration.interpolation import NUMPY_DTYPES
+from dynomp.registration.interpolation import NUMPY_DTYPES, native_kernels
 from dynomp.threads import run_split
 
 
@@ -174,21 +174,6 @@ def compiled_information(fixed: torch.Tensor, moving: torch.Tensor, *, bins: int
     return _MattesInformation.apply(fixed, moving, ranges, bins)
 
 
-class _LinearMattes(torch.autograd.Function):
-    """MI of the fixed samples against the moving volume at C p; differentiable in C (3 x 4)."""
-
-    @staticmethod
-    def forward(ctx, combined: torch.Tensor, problem: LinearInformation) -> torch.Tensor:
-        information, gradient = problem.value_and_gradient(combined.detach().numpy())
-        ctx.save_for_backward(torch.from_numpy(gradient))
-        return torch.tensor(information, dtype=combined.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (gradient,) = ctx.saved_tensors
-        return gradient * grad.to(gradient.dtype), None
-
-
 class LinearInformation:
     """Mattes MI of fixed samples against a moving volume under a linear map, in one compiled call.
 
@@ -197,8 +182,8 @@ class LinearInformation:
     joint histogram, MI and dMI/dC in two passes over the samples (`sampler.c`, `linear_mattes`),
     where the same quantity as torch operations (`transforms.map_points`, `transforms.sample`,
     `compiled_information`) was a dozen operations and autograd's walk back through them. The
-    gradient is computed with the value, and `__call__` is differentiable in C: autograd carries it
-    on to the parameters through the small matrix products that make C.
+    gradient is computed with the value (`value_and_gradient`); the caller carries it on to the
+    parameters through the small matrix products that make C.
 
     CPU float32/float64 3-D volumes with a C compiler (`applies`); the caller keeps the torch
     operations elsewhere, and under an emulated format. Holds a 4 x N scratch buffer.
@@ -206,8 +191,6 @@ class LinearInformation:
 
     def __init__(self, *, moving: torch.Tensor, points: torch.Tensor, fixed: torch.Tensor, bins: int,
                  padding: int, fixed_range: tuple[float, float], moving_range: tuple[float, float]) -> None:
-        from dynomp.registration.interpolation import native_kernels
-
         self.moving = moving.detach().contiguous()
         self.points = points.detach().reshape(3, -1).contiguous()
         self.fixed = fixed.detach().reshape(-1).contiguous()
@@ -220,8 +203,6 @@ class LinearInformation:
     @staticmethod
     def applies(moving: torch.Tensor, points: torch.Tensor, fixed: torch.Tensor, *, bins: int) -> bool:
         """Whether the compiled kernel can run on these tensors (no emulated format is checked here)."""
-        from dynomp.registration.interpolation import native_kernels
-
         return (
             moving.dim() == 3 and points.shape[0] == 3 and bins <= _KERNEL_BINS
             and all(t.device.type == "cpu" and t.dtype == moving.dtype for t in (moving, points, fixed))
@@ -239,10 +220,6 @@ class LinearInformation:
             self.scratch.data_ptr(), gradient.ctypes.data,
         )
         return information, gradient
-
-    def __call__(self, combined: torch.Tensor) -> torch.Tensor:
-        """MI (nats) at the 3 x 4 (or homogeneous 4 x 4) map C, a tensor of the volume's dtype."""
-        return _LinearMattes.apply(combined[:3].to(self.moving.dtype), self)
 
 
 _KERNEL_BINS = 256  # sampler.c's MATTES_BINS_MAX

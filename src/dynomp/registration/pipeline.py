@@ -176,7 +176,7 @@ class LinearProblem:
         self.fixed = setting.cast(fixed_values)
         self.moving = setting.cast(images.moving.data)
         self.parameters = setting.cast(parameters)
-        self.information = self._information()
+        self._prepare_fused()
         spacing = float(np.mean(np.linalg.norm(self.fixed_affine[: self.dimensions, : self.dimensions].numpy(), axis=0)))
         corners = identity_coordinates([2] * self.dimensions, dtype=torch.float64) * torch.tensor(
             [n - 1 for n in self.shape], dtype=torch.float64
@@ -195,14 +195,20 @@ class LinearProblem:
         """The homogeneous transform of a parameter vector."""
         return linear_transform(self.kind, parameters, center=self.center, dimensions=self.dimensions)
 
-    def _information(self) -> LinearInformation | None:
-        """MI's fused kernel for the current format's tensors, where it applies (else None)."""
+    def _prepare_fused(self) -> None:
+        """MI's fused kernel for the current format's tensors (`information`, None where it does
+        not apply) and the chain rule's fixed geometry in the format's NumPy dtype (`geometry`)."""
+        self.information = None
         mattes = getattr(self.loss, "information", None)
         if mattes is None or not LinearInformation.applies(self.moving, self.points, self.fixed, bins=mattes.bins):
-            return None
-        return LinearInformation(moving=self.moving, points=self.points, fixed=self.fixed, bins=mattes.bins,
-                                 padding=mattes.padding, fixed_range=mattes.fixed_range,
-                                 moving_range=mattes.moving_range)
+            return
+        dtype = NUMPY_DTYPES[self.moving.dtype]
+        self.geometry = tuple(t.detach().cpu().numpy().astype(dtype)
+                              for t in (self.center, self.moving_inverse, self.fixed_affine))
+        self.information = LinearInformation(
+            moving=self.moving, points=self.points, fixed=self.fixed, bins=mattes.bins, padding=mattes.padding,
+            fixed_range=mattes.fixed_range, moving_range=mattes.moving_range,
+        )
 
     def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The loss and its gradient with respect to the parameter vector.
@@ -235,8 +241,7 @@ class LinearProblem:
         """
         dtype = NUMPY_DTYPES[self.parameters.dtype]
         parameters = self.parameters.detach().cpu().numpy()
-        center = self.center.detach().cpu().numpy().astype(dtype)
-        moving_inverse, fixed_affine = (m.cpu().numpy().astype(dtype) for m in (self.moving_inverse, self.fixed_affine))
+        center, moving_inverse, fixed_affine = self.geometry
         linear, translation = parameters[:-3], parameters[-3:]
         if self.kind == "rigid":
             matrix, partials = rotation_with_partials(linear)
@@ -277,7 +282,7 @@ class LinearProblem:
         self.moving = setting.cast(self.moving)
         self.parameters = setting.cast(self.parameters)
         self.optimizer.cast(setting.cast)
-        self.information = self._information()
+        self._prepare_fused()
 
 
 class SymmetricProblem:

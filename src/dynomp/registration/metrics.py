@@ -163,7 +163,9 @@ def local_cross_correlation(fixed: torch.Tensor, moving: torch.Tensor, *, radius
 
     Differentiable in both images, with the gradient written out (`_LocalCrossCorrelation`) rather
     than left to autograd: one batched box sum of seven maps instead of autograd's trip back
-    through the forward pass's filters, and a fraction of the saved intermediates.
+    through the forward pass's filters, and a fraction of the saved intermediates. On CPU
+    float32/float64 volumes its pointwise arithmetic runs as three fused C passes
+    (`correlation_kernels`); elsewhere, and under an emulated format, as torch operations.
     """
     return _LocalCrossCorrelation.apply(fixed, moving, radius)
 

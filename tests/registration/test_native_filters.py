@@ -86,9 +86,18 @@ def test_c_filter_gives_the_same_numbers_on_one_thread_and_two(generator, dtype)
         single = smooth(volume, 2.0, dimensions=3)
         torch.set_num_threads(2)
         split = smooth(volume, 2.0, dimensions=3)
+        # each thread pads and filters its own share of the edge rows: scipy's numbers too, for a
+        # wide Gaussian (edge rows 18 of 40) and a zero-padded box
+        wide = smooth(volume, 3.0, dimensions=3)
+        boxed = box_sum(volume, radius=4, dimensions=3)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, split)
+    tolerance = 1e-14 if dtype == torch.float64 else 2e-6
+    for ours, kernel, edges in ((wide, gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist(), "replicate"),
+                                (boxed, [1.0] * 9, "zeros")):
+        expected = scipy_filter(volume.numpy(), [kernel] * 3, edges)
+        assert float(np.abs(ours.numpy() - expected).max()) <= tolerance * float(np.abs(expected).max())
 
 
 @needs_compiler

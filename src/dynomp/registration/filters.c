@@ -26,8 +26,12 @@
 /* Threads: built with -fopenmp, a call splits its rows over OpenMP's threads when it has at least
  * PARALLEL_MINIMUM values; loaded after torch, this is torch's own thread pool (see sampler.c). */
 #define PARALLEL_MINIMUM 32768
-/* outputs filtered together, a block the compiler keeps in vector registers */
+/* outputs filtered together, a block the compiler keeps in vector registers; a quarter block */
+/* for what is left of a span (short lines and planes at coarse levels) */
 #define BLOCK 64
+#define QUARTER 16
+/* values of lines packed and filtered together (lines_) */
+#define PACKED 4096
 #if defined(__GNUC__) || defined(__clang__)
 #define SPAN __attribute__((noinline))
 #define INLINE static inline __attribute__((always_inline))
@@ -51,11 +55,10 @@ static int team(void) { return 1; }
 #endif
 
 #define DEFINE_FILTER(T, SUFFIX)                                                                   \
-                                                                                                   \
-/* m <= BLOCK outputs, each the sum over taps k of taps[k] * in[k * stride + e], accumulated in a */ \
-/* block; inlined, and called with m = BLOCK, the block's count is a constant and its */          \
-/* accumulators stay in vector registers while the taps go by */                                  \
-INLINE void taps_block_##SUFFIX(const T *restrict in, T *restrict out, int64_t m, int64_t stride,              \
+/* m <= BLOCK outputs, each the sum over taps k of taps[k] * in[k * stride + e], accumulated in */  \
+/* a block; inlined, and called with a constant m, the block's accumulators stay in vector */    \
+/* registers while the taps go by */                                                               \
+INLINE void taps_block_##SUFFIX(const T *restrict in, T *restrict out, int64_t m, int64_t stride,  \
                     const T *restrict taps, int64_t count) {                                       \
     T acc[BLOCK];                                                                                  \
     for (int64_t e = 0; e < m; ++e) acc[e] = (T)0;                                                 \
@@ -67,87 +70,133 @@ INLINE void taps_block_##SUFFIX(const T *restrict in, T *restrict out, int64_t m
     for (int64_t e = 0; e < m; ++e) out[e] = acc[e];                                               \
 }                                                                                                  \
                                                                                                    \
-/* n outputs, each the sum over taps k of taps[k] * in[k * stride + e]: the loop over e is the    */ \
-/* vectorised one, in whole blocks and then the rest */                                           \
-static SPAN void taps_span_##SUFFIX(const T *restrict in, T *restrict out, int64_t n,             \
+/* n outputs, each the sum over taps k of taps[k] * in[k * stride + e]: the loop over e is the */ \
+/* vectorised one, in whole blocks, then in quarter blocks (one float32 or two float64 vectors */  \
+/* of 512 bits), then the rest */                                                                  \
+static SPAN void taps_span_##SUFFIX(const T *restrict in, T *restrict out, int64_t n,              \
                                     int64_t stride, const T *restrict taps, int64_t count) {       \
     int64_t e0 = 0;                                                                                \
     for (; e0 + BLOCK <= n; e0 += BLOCK)                                                           \
         taps_block_##SUFFIX(in + e0, out + e0, BLOCK, stride, taps, count);                        \
+    for (; e0 + QUARTER <= n; e0 += QUARTER)                                                       \
+        taps_block_##SUFFIX(in + e0, out + e0, QUARTER, stride, taps, count);                      \
     if (n > e0) taps_block_##SUFFIX(in + e0, out + e0, n - e0, stride, taps, count);               \
 }                                                                                                  \
                                                                                                    \
-/* output row i of a plane (length x inner) near an edge, where some taps fall outside it */      \
-static SPAN void edge_row_##SUFFIX(const T *restrict in, T *restrict out, int64_t i,               \
-                                   int64_t length, int64_t inner, const T *restrict taps,          \
-                                   int64_t radius, int32_t replicate) {                            \
-    for (int64_t e = 0; e < inner; ++e) out[e] = (T)0;                                             \
-    for (int64_t k = 0; k <= 2 * radius; ++k) {                                                    \
-        int64_t j = i + k - radius;                                                                \
+/* output rows first..last-1 of a plane (length x inner) whose taps reach outside it: the input */ \
+/* rows they read, first - radius .. last + radius - 1, copied into `scratch` with the edge row */ \
+/* repeated (replicate) or zeros in place of the missing ones, then filtered as one span */        \
+static void edge_rows_##SUFFIX(const T *plane, T *target, T *scratch, int64_t first, int64_t last, \
+                               int64_t length, int64_t inner, const T *taps, int64_t radius,       \
+                               int32_t replicate) {                                                \
+    if (last <= first) return;                                                                     \
+    for (int64_t q = 0; q < last - first + 2 * radius; ++q) {                                      \
+        int64_t j = first - radius + q;                                                            \
+        T *row = scratch + q * inner;                                                              \
         if (j < 0 || j >= length) {                                                                \
-            if (!replicate) continue;                                                              \
+            if (!replicate) {                                                                      \
+                memset(row, 0, sizeof(T) * (size_t)inner);                                         \
+                continue;                                                                          \
+            }                                                                                      \
             j = j < 0 ? 0 : length - 1;                                                            \
         }                                                                                          \
-        const T t = taps[k];                                                                       \
-        const T *restrict row = in + j * inner;                                                    \
-        for (int64_t e = 0; e < inner; ++e) out[e] += t * row[e];                                  \
+        memcpy(row, plane + j * inner, sizeof(T) * (size_t)inner);                                 \
     }                                                                                              \
+    taps_span_##SUFFIX(scratch, target + first * inner, (last - first) * inner, inner, taps,       \
+                       2 * radius + 1);                                                            \
 }                                                                                                  \
                                                                                                    \
-/* a line of `length` contiguous values (the last axis), copied into `padded` with `radius` edge */ \
-/* values on either side, so that every position's taps fall inside, and filtered in whole blocks */ \
-/* (`rounded` values: length rounded up to BLOCK, the slack zero) into `filtered` */             \
-static void line_##SUFFIX(const T *in, T *out, T *padded, T *filtered, int64_t length,             \
-                          int64_t rounded, const T *taps, int64_t radius, int32_t replicate) {     \
-    const T first = replicate ? in[0] : (T)0, last = replicate ? in[length - 1] : (T)0;            \
-    for (int64_t i = 0; i < radius; ++i) padded[i] = first;                                        \
-    memcpy(padded + radius, in, sizeof(T) * (size_t)length);                                       \
-    for (int64_t i = radius + length; i < 2 * radius + length; ++i) padded[i] = last;              \
-    taps_span_##SUFFIX(padded, filtered, rounded, 1, taps, 2 * radius + 1);                        \
-    memcpy(out, filtered, sizeof(T) * (size_t)length);                                             \
+/* `count` lines of the last axis, each copied into `packed` with `radius` */                      \
+/* edge values on either side, one after another, and filtered as one span into `filtered`: */     \
+/* output i of line s is position s (length + 2 radius) + i, and the positions between lines */    \
+/* (2 radius per line) are computed and dropped; at 15-63 values a line this wastes less than  */  \
+/* rounding each line up to a block did, and the span's blocks are whole */                        \
+static void lines_##SUFFIX(const T *in, T *out, T *packed, T *filtered, int64_t count,             \
+                           int64_t length, const T *taps, int64_t radius, int32_t replicate) {     \
+    const int64_t segment = length + 2 * radius;                                                   \
+    for (int64_t s = 0; s < count; ++s) {                                                          \
+        const T *line = in + s * length;                                                           \
+        T *padded = packed + s * segment;                                                          \
+        const T first = replicate ? line[0] : (T)0, last = replicate ? line[length - 1] : (T)0;    \
+        for (int64_t i = 0; i < radius; ++i) padded[i] = first;                                    \
+        memcpy(padded + radius, line, sizeof(T) * (size_t)length);                                 \
+        for (int64_t i = radius + length; i < segment; ++i) padded[i] = last;                      \
+    }                                                                                              \
+    taps_span_##SUFFIX(packed, filtered, count * segment - 2 * radius, 1, taps, 2 * radius + 1);   \
+    for (int64_t s = 0; s < count; ++s)                                                            \
+        memcpy(out + s * length, filtered + s * segment, sizeof(T) * (size_t)length);              \
 }                                                                                                  \
                                                                                                    \
-void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, int64_t inner,      \
+void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, int64_t inner,       \
                           const T *taps, int64_t radius, int32_t replicate) {                      \
     const int64_t work = outer * length * inner;                                                   \
     if (inner == 1) {                                                                              \
-        const int64_t rounded = (length + BLOCK - 1) / BLOCK * BLOCK;                              \
-        const int64_t each = 2 * rounded + 2 * radius;  /* padded line + filtered line */          \
-        T *scratch = calloc((size_t)each * (size_t)threads(), sizeof(T));                          \
+        const int64_t segment = length + 2 * radius;                                               \
+        const int64_t batch = PACKED / segment > 1 ? PACKED / segment : 1;                         \
+        const int64_t each = 2 * batch * segment;  /* packed lines + filtered span */              \
+        T *scratch = malloc(sizeof(T) * (size_t)each * (size_t)threads());                         \
         if (scratch != NULL) {                                                                     \
             PARALLEL_FOR(work)                                                                     \
-            for (int64_t o = 0; o < outer; ++o) {                                                  \
-                T *padded = scratch + each * thread();                                             \
-                line_##SUFFIX(in + o * length, out + o * length, padded,                           \
-                              padded + rounded + 2 * radius, length, rounded, taps, radius,        \
-                              replicate);                                                          \
+            for (int64_t o = 0; o < outer; o += batch) {                                           \
+                T *packed = scratch + each * thread();                                             \
+                lines_##SUFFIX(in + o * length, out + o * length, packed, packed + batch * segment,\
+                               outer - o < batch ? outer - o : batch, length, taps, radius,        \
+                               replicate);                                                         \
             }                                                                                      \
             free(scratch);                                                                         \
             return;                                                                                \
         }                                                                                          \
-        /* no memory for the padded lines: the planes' loops below, one value per row */          \
+        /* no memory for the packed lines: the planes' loops below, one value per row */           \
     }                                                                                              \
-    /* rows low..high-1 of a plane have all their taps inside: one contiguous span per plane */   \
+    /* rows low..high-1 of a plane have all their taps inside: one contiguous span per plane; */   \
+    /* the rows before and after them are filtered from padded copies (edge_rows) */               \
     const int64_t low = radius < length ? radius : length;                                         \
     const int64_t high = length - radius > low ? length - radius : low;                            \
     const int64_t interior = (high - low) * inner, edges = low + (length - high);                  \
+    const int64_t widest = low > length - high ? low : length - high;                              \
+    const int64_t each = (widest + 2 * radius) * inner;                                            \
+    T *scratch = malloc(sizeof(T) * (size_t)each * (size_t)threads());                             \
     PARALLEL_REGION(work) {                                                                        \
         const int64_t part = thread(), parts = team();                                             \
+        T *own = scratch == NULL ? NULL : scratch + each * part;                                   \
         for (int64_t o = 0; o < outer; ++o) {                                                      \
             const T *plane = in + o * length * inner;                                              \
             T *target = out + o * length * inner;                                                  \
             const int64_t from = interior * part / parts, to = interior * (part + 1) / parts;      \
-            if (to > from) /* no interior where the axis is shorter than the kernel */           \
+            if (to > from) /* no interior where the axis is shorter than the kernel */             \
                 taps_span_##SUFFIX(plane + (low - radius) * inner + from,                          \
                                    target + low * inner + from, to - from, inner, taps,            \
                                    2 * radius + 1);                                                \
-            for (int64_t q = edges * part / parts; q < edges * (part + 1) / parts; ++q) {          \
+            /* this thread's share of the edge rows: q = 0..edges-1 runs over 0..low-1, then */    \
+            /* high..length-1 */                                                                   \
+            const int64_t q0 = edges * part / parts, q1 = edges * (part + 1) / parts;              \
+            if (own != NULL) {                                                                     \
+                edge_rows_##SUFFIX(plane, target, own, q0, q1 < low ? q1 : low, length, inner,     \
+                                   taps, radius, replicate);                                       \
+                edge_rows_##SUFFIX(plane, target, own, high + (q0 > low ? q0 : low) - low,         \
+                                   high + (q1 > low ? q1 : low) - low, length, inner, taps,        \
+                                   radius, replicate);                                             \
+                continue;                                                                          \
+            }                                                                                      \
+            /* no memory for the padded rows: one row at a time, a pass over it per tap */         \
+            for (int64_t q = q0; q < q1; ++q) {                                                    \
                 const int64_t i = q < low ? q : high + (q - low);                                  \
-                edge_row_##SUFFIX(plane, target + i * inner, i, length, inner, taps, radius,       \
-                                  replicate);                                                      \
+                T *row = target + i * inner;                                                       \
+                for (int64_t e = 0; e < inner; ++e) row[e] = (T)0;                                 \
+                for (int64_t k = 0; k <= 2 * radius; ++k) {                                        \
+                    int64_t j = i + k - radius;                                                    \
+                    if (j < 0 || j >= length) {                                                    \
+                        if (!replicate) continue;                                                  \
+                        j = j < 0 ? 0 : length - 1;                                                \
+                    }                                                                              \
+                    const T t = taps[k];                                                           \
+                    const T *source = plane + j * inner;                                           \
+                    for (int64_t e = 0; e < inner; ++e) row[e] += t * source[e];                   \
+                }                                                                                  \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
+    free(scratch);                                                                                 \
 }
 
 /* Local CC's pointwise passes (metrics.py's _LocalCrossCorrelation), fused: the five maps it
@@ -160,118 +209,118 @@ void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, in
 #define CC_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define CC_MAX(a, b) ((a) > (b) ? (a) : (b))
 
-#define DEFINE_CORRELATION(T, SUFFIX)                                                               \
-                                                                                                    \
-/* the five maps local CC box-sums, f, m, f m, f^2 and m^2, into out (5 x n) */                     \
-static SPAN void cc_products_span_##SUFFIX(const T *restrict f, const T *restrict m,                \
-                                           T *restrict o0, T *restrict o1, T *restrict o2,          \
-                                           T *restrict o3, T *restrict o4, int64_t first,           \
-                                           int64_t last) {                                          \
-    for (int64_t q = first; q < last; q++) {                                                        \
-        const T a = f[q], b = m[q];                                                                 \
-        o0[q] = a; o1[q] = b; o2[q] = a * b; o3[q] = a * a; o4[q] = b * b;                          \
-    }                                                                                               \
-}                                                                                                   \
-                                                                                                    \
-void cc_products_##SUFFIX(const T *f, const T *m, T *out, int64_t n) {                              \
-    const int64_t work = n;                                                                         \
-    PARALLEL_FOR(work)                                                                              \
-    for (int64_t first = 0; first < n; first += CC_CHUNK)                                           \
+#define DEFINE_CORRELATION(T, SUFFIX)                                                              \
+                                                                                                   \
+/* the five maps local CC box-sums, f, m, f m, f^2 and m^2, into out (5 x n) */                    \
+static SPAN void cc_products_span_##SUFFIX(const T *restrict f, const T *restrict m,               \
+                                           T *restrict o0, T *restrict o1, T *restrict o2,         \
+                                           T *restrict o3, T *restrict o4, int64_t first,          \
+                                           int64_t last) {                                         \
+    for (int64_t q = first; q < last; q++) {                                                       \
+        const T a = f[q], b = m[q];                                                                \
+        o0[q] = a; o1[q] = b; o2[q] = a * b; o3[q] = a * a; o4[q] = b * b;                         \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+void cc_products_##SUFFIX(const T *f, const T *m, T *out, int64_t n) {                             \
+    const int64_t work = n;                                                                        \
+    PARALLEL_FOR(work)                                                                             \
+    for (int64_t first = 0; first < n; first += CC_CHUNK)                                          \
         cc_products_span_##SUFFIX(f, m, out, out + n, out + 2 * n, out + 3 * n, out + 4 * n, first, \
-                                  first + CC_CHUNK < n ? first + CC_CHUNK : n);                     \
-}                                                                                                   \
-                                                                                                    \
+                                  first + CC_CHUNK < n ? first + CC_CHUNK : n);                    \
+}                                                                                                  \
+                                                                                                   \
 /* from the five box sums (5 x d x h x w) of a radius-r box: the seven maps (7 x d x h x w) whose */ \
-/* box sums make the gradient, and the sum of the clamped correlations (returned) */                \
+/* box sums make the gradient, and the sum of the clamped correlations (returned) */               \
 /* one row of the weights pass: w voxels whose box holds `along_zy` times its count along x voxels */ \
-static SPAN T cc_weights_row_##SUFFIX(const T *restrict s0, const T *restrict s1,                   \
-                                      const T *restrict s2, const T *restrict s3,                   \
-                                      const T *restrict s4, T *restrict o0, T *restrict o1,         \
-                                      T *restrict o2, T *restrict o3, T *restrict o4,               \
-                                      T *restrict o5, T *restrict o6, int64_t w, int64_t radius,    \
-                                      T along_zy, T voxels) {                                       \
-    const T epsilon = (T)1e-5;                                                                      \
-    T lanes[CC_LANES];                                                                              \
-    for (int l = 0; l < CC_LANES; l++) lanes[l] = (T)0;                                             \
-    for (int64_t first = 0; first < w; first += CC_LANES) {                                         \
-        const int64_t count_here = w - first < CC_LANES ? w - first : CC_LANES;                     \
-        for (int64_t l = 0; l < count_here; l++) {                                                  \
-            const int64_t k = first + l;                                                            \
-            const T count = along_zy * (T)(CC_MIN(k + radius, w - 1) - CC_MAX(k - radius, 0) + 1);  \
-            const T sum_f = s0[k], sum_m = s1[k];                                                   \
-            const T mean_f = sum_f / count, mean_m = sum_m / count;                                 \
-            const T cross = s2[k] - sum_f * mean_m;                                                 \
+static SPAN T cc_weights_row_##SUFFIX(const T *restrict s0, const T *restrict s1,                  \
+                                      const T *restrict s2, const T *restrict s3,                  \
+                                      const T *restrict s4, T *restrict o0, T *restrict o1,        \
+                                      T *restrict o2, T *restrict o3, T *restrict o4,              \
+                                      T *restrict o5, T *restrict o6, int64_t w, int64_t radius,   \
+                                      T along_zy, T voxels) {                                      \
+    const T epsilon = (T)1e-5;                                                                     \
+    T lanes[CC_LANES];                                                                             \
+    for (int l = 0; l < CC_LANES; l++) lanes[l] = (T)0;                                            \
+    for (int64_t first = 0; first < w; first += CC_LANES) {                                        \
+        const int64_t count_here = w - first < CC_LANES ? w - first : CC_LANES;                    \
+        for (int64_t l = 0; l < count_here; l++) {                                                 \
+            const int64_t k = first + l;                                                           \
+            const T count = along_zy * (T)(CC_MIN(k + radius, w - 1) - CC_MAX(k - radius, 0) + 1); \
+            const T sum_f = s0[k], sum_m = s1[k];                                                  \
+            const T mean_f = sum_f / count, mean_m = sum_m / count;                                \
+            const T cross = s2[k] - sum_f * mean_m;                                                \
             const T fixed_variance = s3[k] - sum_f * mean_f, moving_variance = s4[k] - sum_m * mean_m; \
-            /* clamps that keep a NaN (as torch's do): a diverging run's loss turns NaN */          \
-            const T fixed_positive = fixed_variance < (T)0 ? (T)0 : fixed_variance;                 \
-            const T moving_positive = moving_variance < (T)0 ? (T)0 : moving_variance;              \
-            const T denominator = fixed_positive * moving_positive + epsilon * count;               \
-            const T correlation = cross * cross / denominator;                                      \
-            const T scale = (correlation <= (T)1 ? (T)1 : (T)0) / (denominator * voxels);           \
-            const T cross_weight = (T)2 * cross * scale;                                            \
-            const T squared = cross * cross * scale / denominator;                                  \
+            /* clamps that keep a NaN (as torch's do): a diverging run's loss turns NaN */         \
+            const T fixed_positive = fixed_variance < (T)0 ? (T)0 : fixed_variance;                \
+            const T moving_positive = moving_variance < (T)0 ? (T)0 : moving_variance;             \
+            const T denominator = fixed_positive * moving_positive + epsilon * count;              \
+            const T correlation = cross * cross / denominator;                                     \
+            const T scale = (correlation <= (T)1 ? (T)1 : (T)0) / (denominator * voxels);          \
+            const T cross_weight = (T)2 * cross * scale;                                           \
+            const T squared = cross * cross * scale / denominator;                                 \
             const T fixed_weight = -squared * moving_positive * (fixed_variance >= (T)0 ? (T)1 : (T)0); \
             const T moving_weight = -squared * fixed_positive * (moving_variance >= (T)0 ? (T)1 : (T)0); \
-            o0[k] = cross_weight; o1[k] = cross_weight * mean_f; o2[k] = cross_weight * mean_m;     \
-            o3[k] = fixed_weight; o4[k] = fixed_weight * mean_f;                                    \
-            o5[k] = moving_weight; o6[k] = moving_weight * mean_m;                                  \
-            lanes[l] += correlation > (T)1 ? (T)1 : correlation;                                    \
-        }                                                                                           \
-    }                                                                                               \
-    T sum = (T)0;                                                                                   \
-    for (int l = 0; l < CC_LANES; l++) sum += lanes[l];                                             \
-    return sum;                                                                                     \
-}                                                                                                   \
-                                                                                                    \
+            o0[k] = cross_weight; o1[k] = cross_weight * mean_f; o2[k] = cross_weight * mean_m;    \
+            o3[k] = fixed_weight; o4[k] = fixed_weight * mean_f;                                   \
+            o5[k] = moving_weight; o6[k] = moving_weight * mean_m;                                 \
+            lanes[l] += correlation > (T)1 ? (T)1 : correlation;                                   \
+        }                                                                                          \
+    }                                                                                              \
+    T sum = (T)0;                                                                                  \
+    for (int l = 0; l < CC_LANES; l++) sum += lanes[l];                                            \
+    return sum;                                                                                    \
+}                                                                                                  \
+                                                                                                   \
 /* from the five box sums (5 x d x h x w) of a radius-r box: the seven maps (7 x d x h x w) whose */ \
-/* box sums make the gradient, and the sum of the clamped correlations (returned) */                \
-T cc_weights_##SUFFIX(const T *sums, int64_t d, int64_t h, int64_t w, int64_t radius, T *out) {     \
-    const int64_t n = d * h * w;                                                                    \
-    const T voxels = (T)n;                                                                          \
-    /* one sum per row, added up in order after: the same total on any number of threads */         \
-    T *row_sums = (T *)malloc((size_t)(d * h) * sizeof(T));                                         \
-    if (row_sums == NULL) return (T)NAN;                                                            \
-    const int64_t work = n;                                                                         \
-    PARALLEL_FOR(work)                                                                              \
-    for (int64_t row = 0; row < d * h; row++) {                                                     \
-        const int64_t i = row / h, j = row % h, at = row * w;                                       \
-        const T along_zy = (T)((CC_MIN(i + radius, d - 1) - CC_MAX(i - radius, 0) + 1)              \
-                               * (CC_MIN(j + radius, h - 1) - CC_MAX(j - radius, 0) + 1));          \
-        row_sums[row] = cc_weights_row_##SUFFIX(                                                    \
-            sums + at, sums + n + at, sums + 2 * n + at, sums + 3 * n + at, sums + 4 * n + at,      \
-            out + at, out + n + at, out + 2 * n + at, out + 3 * n + at, out + 4 * n + at,           \
-            out + 5 * n + at, out + 6 * n + at, w, radius, along_zy, voxels);                       \
-    }                                                                                               \
-    T total = (T)0;                                                                                 \
-    for (int64_t row = 0; row < d * h; row++) total += row_sums[row];                               \
-    free(row_sums);                                                                                 \
-    return total;                                                                                   \
-}                                                                                                   \
-                                                                                                    \
-/* scale (a s0 - first + 2 (b second - third)): dL/df with (a, b) = (m, f), dL/dm with (f, m) */    \
-static SPAN void cc_gradient_span_##SUFFIX(const T *restrict a, const T *restrict b,                \
-                                           const T *restrict s0, const T *restrict first_sum,       \
+/* box sums make the gradient, and the sum of the clamped correlations (returned) */               \
+T cc_weights_##SUFFIX(const T *sums, int64_t d, int64_t h, int64_t w, int64_t radius, T *out) {    \
+    const int64_t n = d * h * w;                                                                   \
+    const T voxels = (T)n;                                                                         \
+    /* one sum per row, added up in order after: the same total on any number of threads */        \
+    T *row_sums = (T *)malloc((size_t)(d * h) * sizeof(T));                                        \
+    if (row_sums == NULL) return (T)NAN;                                                           \
+    const int64_t work = n;                                                                        \
+    PARALLEL_FOR(work)                                                                             \
+    for (int64_t row = 0; row < d * h; row++) {                                                    \
+        const int64_t i = row / h, j = row % h, at = row * w;                                      \
+        const T along_zy = (T)((CC_MIN(i + radius, d - 1) - CC_MAX(i - radius, 0) + 1)             \
+                               * (CC_MIN(j + radius, h - 1) - CC_MAX(j - radius, 0) + 1));         \
+        row_sums[row] = cc_weights_row_##SUFFIX(                                                   \
+            sums + at, sums + n + at, sums + 2 * n + at, sums + 3 * n + at, sums + 4 * n + at,     \
+            out + at, out + n + at, out + 2 * n + at, out + 3 * n + at, out + 4 * n + at,          \
+            out + 5 * n + at, out + 6 * n + at, w, radius, along_zy, voxels);                      \
+    }                                                                                              \
+    T total = (T)0;                                                                                \
+    for (int64_t row = 0; row < d * h; row++) total += row_sums[row];                              \
+    free(row_sums);                                                                                \
+    return total;                                                                                  \
+}                                                                                                  \
+                                                                                                   \
+/* scale (a s0 - first + 2 (b second - third)): dL/df with (a, b) = (m, f), dL/dm with (f, m) */   \
+static SPAN void cc_gradient_span_##SUFFIX(const T *restrict a, const T *restrict b,               \
+                                           const T *restrict s0, const T *restrict first_sum,      \
                                            const T *restrict second_sum, const T *restrict third_sum, \
                                            T scale, T *restrict grad, int64_t first, int64_t last) { \
-    for (int64_t q = first; q < last; q++)                                                          \
+    for (int64_t q = first; q < last; q++)                                                         \
         grad[q] = scale * (a[q] * s0[q] - first_sum[q] + (T)2 * (b[q] * second_sum[q] - third_sum[q])); \
-}                                                                                                   \
-                                                                                                    \
-/* the gradients from the seven maps' box sums (7 x n), times `scale` (the loss's incoming */       \
-/* gradient), into grad_f and grad_m (either may be NULL) */                                        \
-void cc_gradient_##SUFFIX(const T *f, const T *m, const T *sums, int64_t n, T scale, T *grad_f,     \
-                          T *grad_m) {                                                              \
-    const int64_t work = n;                                                                         \
-    PARALLEL_FOR(work)                                                                              \
-    for (int64_t first = 0; first < n; first += CC_CHUNK) {                                         \
-        const int64_t last = first + CC_CHUNK < n ? first + CC_CHUNK : n;                           \
-        if (grad_f != NULL)                                                                         \
-            cc_gradient_span_##SUFFIX(m, f, sums, sums + 2 * n, sums + 3 * n, sums + 4 * n, scale,  \
-                                      grad_f, first, last);                                         \
-        if (grad_m != NULL)                                                                         \
-            cc_gradient_span_##SUFFIX(f, m, sums, sums + n, sums + 5 * n, sums + 6 * n, scale,      \
-                                      grad_m, first, last);                                         \
-    }                                                                                               \
+}                                                                                                  \
+                                                                                                   \
+/* the gradients from the seven maps' box sums (7 x n), times `scale` (the loss's incoming */      \
+/* gradient), into grad_f and grad_m (either may be NULL) */                                       \
+void cc_gradient_##SUFFIX(const T *f, const T *m, const T *sums, int64_t n, T scale, T *grad_f,    \
+                          T *grad_m) {                                                             \
+    const int64_t work = n;                                                                        \
+    PARALLEL_FOR(work)                                                                             \
+    for (int64_t first = 0; first < n; first += CC_CHUNK) {                                        \
+        const int64_t last = first + CC_CHUNK < n ? first + CC_CHUNK : n;                          \
+        if (grad_f != NULL)                                                                        \
+            cc_gradient_span_##SUFFIX(m, f, sums, sums + 2 * n, sums + 3 * n, sums + 4 * n, scale, \
+                                      grad_f, first, last);                                        \
+        if (grad_m != NULL)                                                                        \
+            cc_gradient_span_##SUFFIX(f, m, sums, sums + n, sums + 5 * n, sums + 6 * n, scale,     \
+                                      grad_m, first, last);                                        \
+    }                                                                                              \
 }
 
 

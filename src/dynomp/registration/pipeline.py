@@ -143,13 +143,26 @@ class _Images:
     moving: PyramidLevel
 
 
-def _levels(fixed: torch.Tensor, fixed_affine: torch.Tensor, moving: torch.Tensor,
-            moving_affine: torch.Tensor, stage: StageConfig, level: int) -> _Images:
-    factor, sigma = stage.shrink_factors[level], stage.smoothing_sigmas[level]
-    return _Images(
-        fixed=build_level(fixed, fixed_affine, shrink_factor=factor, sigma=sigma),
-        moving=build_level(moving, moving_affine, shrink_factor=factor, sigma=sigma),
-    )
+class _Pyramid:
+    """Both images' pyramid levels, each built once per (shrink factor, sigma) and shared by the
+    stages that ask for it (the paper's rigid, affine and SyN stages use the same four levels)."""
+
+    def __init__(self, fixed: torch.Tensor, fixed_affine: torch.Tensor, moving: torch.Tensor,
+                 moving_affine: torch.Tensor) -> None:
+        self.fixed, self.fixed_affine = fixed, fixed_affine
+        self.moving, self.moving_affine = moving, moving_affine
+        self._built: dict[tuple[int, float], _Images] = {}
+
+    def level(self, stage: StageConfig, level: int) -> _Images:
+        """The smoothed and shrunk images of `stage`'s pyramid level `level`."""
+        key = (int(stage.shrink_factors[level]), float(stage.smoothing_sigmas[level]))
+        if key not in self._built:
+            factor, sigma = key
+            self._built[key] = _Images(
+                fixed=build_level(self.fixed, self.fixed_affine, shrink_factor=factor, sigma=sigma),
+                moving=build_level(self.moving, self.moving_affine, shrink_factor=factor, sigma=sigma),
+            )
+        return self._built[key]
 
 
 class LinearProblem:
@@ -406,18 +419,17 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
     final_losses: dict[str, float] = {}
     syn_fields: list[torch.Tensor] = []
     diverged_at = None
+    pyramid = _Pyramid(fixed_data, fixed_affine, moving_data, moving_affine)
     try:
         for stage in config.stages:
             if stage.name in ("rigid", "affine"):
                 transform = _linear_stage(
-                    stage, transform=transform, center=center, fixed=fixed_data, moving=moving_data,
-                    fixed_affine=fixed_affine, moving_affine=moving_affine, setting=setting,
+                    stage, transform=transform, center=center, pyramid=pyramid, setting=setting,
                     trace=trace, final_losses=final_losses, seed=config.seed, device=device,
                 )
             else:
                 syn_fields[:] = _symmetric_stage(
-                    stage, transform=transform, fixed=fixed_data, moving=moving_data,
-                    fixed_affine=fixed_affine, moving_affine=moving_affine, setting=setting,
+                    stage, transform=transform, pyramid=pyramid, setting=setting,
                     trace=trace, final_losses=final_losses,
                 )
     except RegistrationDiverged as error:
@@ -435,7 +447,7 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
         transform_device, fixed_affine=fixed_affine, moving_affine=moving_affine, shape=shape,
         displacement=forward_field,
     )
-    del forward_field
+    del forward_field, pyramid
     forward_displacement = to_physical(moving_coordinates, moving_affine)
     forward_displacement -= to_physical(identity_coordinates(shape, dtype=torch.float64, device=device), fixed_affine)
     inverse_displacement = _inverse_displacement(
@@ -506,16 +518,15 @@ def _start_level(setting: PrecisionSetting, stage: StageConfig, *, fixed: torch.
 
 
 def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.Tensor,
-                  fixed: torch.Tensor, moving: torch.Tensor, fixed_affine: torch.Tensor,
-                  moving_affine: torch.Tensor, setting: PrecisionSetting,
+                  pyramid: _Pyramid, setting: PrecisionSetting,
                   trace: list[dict[str, Any]], final_losses: dict[str, float], seed: int,
                   device: torch.device) -> torch.Tensor:
     """Run a rigid or affine stage over its pyramid; return the new physical transform."""
-    dimensions = fixed.dim()
+    dimensions = pyramid.fixed.dim()
     parameters = _initial_parameters(stage.name, transform, center, dimensions)
     for level in range(stage.levels):
         release_free_memory()
-        images = _levels(fixed, fixed_affine, moving, moving_affine, stage, level)
+        images = pyramid.level(stage, level)
         loss = build_loss(
             stage.metric, fixed=images.fixed.data, moving=images.moving.data,
             bins=stage.metric_bins, radius=stage.cc_radius,
@@ -536,27 +547,27 @@ def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.
         return linear_transform(stage.name, parameters, center=center, dimensions=dimensions)
 
 
-def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, fixed: torch.Tensor,
-                     moving: torch.Tensor, fixed_affine: torch.Tensor, moving_affine: torch.Tensor,
+def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, pyramid: _Pyramid,
                      setting: PrecisionSetting, trace: list[dict[str, Any]],
                      final_losses: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run SyN over its pyramid; return the fields u_f and u_m at the last level's grid, in the last format."""
-    dimensions = fixed.dim()
+    dimensions = pyramid.fixed.dim()
+    device = pyramid.fixed.device
     # the fields stay in the arm's format between levels (no float64 copies held beside them)
     fixed_field = moving_field = None
     for level in range(stage.levels):
         release_free_memory()
-        images = _levels(fixed, fixed_affine, moving, moving_affine, stage, level)
+        images = pyramid.level(stage, level)
         shape = tuple(images.fixed.data.shape)
         # the moving image, affinely aligned, on this level's fixed grid
         coordinates = affine_coordinates(
-            transform.to(fixed.device), fixed_affine=images.fixed.affine,
+            transform.to(device), fixed_affine=images.fixed.affine,
             moving_affine=images.moving.affine, shape=shape,
         )
         aligned = sample(images.moving.data, coordinates)
         del coordinates
         if fixed_field is None:
-            fixed_field = torch.zeros(dimensions, *shape, dtype=setting.dtype, device=fixed.device)
+            fixed_field = torch.zeros(dimensions, *shape, dtype=setting.dtype, device=device)
             moving_field = torch.zeros_like(fixed_field)
         else:
             fixed_field = resize_field(fixed_field, shape)

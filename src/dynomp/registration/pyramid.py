@@ -120,6 +120,12 @@ def _native_filter(volume: torch.Tensor) -> Any:
     return filter_kernels().get(volume.dtype)
 
 
+@functools.lru_cache(maxsize=32)
+def _taps_tensor(taps: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A kernel's taps as a CPU tensor the C filter reads (built once per kernel and dtype)."""
+    return torch.tensor(taps, dtype=dtype)
+
+
 def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | None], *, edges: str,
                      dimensions: int) -> torch.Tensor:
     """Filter the last `dimensions` axes with one centred 1-D kernel each (None: leave that axis).
@@ -152,7 +158,7 @@ def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | N
     for axis, kernel in enumerate(kernels):
         if kernel is None:
             continue
-        taps = torch.tensor([float(value) for value in kernel], dtype=volume.dtype)
+        taps = _taps_tensor(tuple(float(value) for value in kernel), volume.dtype)
         out = torch.empty_like(result)
         function(result.data_ptr(), out.data_ptr(), batch * math.prod(spatial[:axis]), spatial[axis],
                  math.prod(spatial[axis + 1:]), taps.data_ptr(), len(kernel) // 2, int(edges == "replicate"))

@@ -217,3 +217,53 @@ def test_a_linear_level_gives_the_same_loss_and_gradient_fused_or_not(generator,
         assert abs(float(value) - float(expected_value)) <= tolerance * abs(float(expected_value))
         assert float((gradient - expected).abs().max()) <= tolerance * float(expected.abs().max())
         assert float(expected.abs().max()) > 0
+
+
+def smooth_field(generator, shape, dtype, amplitude):
+    """A smooth random displacement field (3, *shape): a few low-frequency sines per component."""
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n, dtype=torch.float64) for n in shape],
+                                      indexing="ij"))
+    phases = torch.rand(3, 3, generator=generator, dtype=torch.float64) * 2 * math.pi
+    field = torch.stack([sum(torch.sin(math.pi * (1 + a) * grid[a] + phases[c, a]) for a in range(3))
+                         for c in range(3)])
+    return (amplitude / 3 * field).to(dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(9, 11, 7), (40, 41, 39)])  # one thread; split over threads
+def test_compiled_inversion_gives_the_torch_iterations_numbers(monkeypatch, generator, dtype, shape):
+    from dynomp.registration.transforms import invert, warp
+
+    amplitude = 0.08 * min(shape)  # voxels: the map stays invertible (|du/dx| about 0.25)
+    field = smooth_field(generator, shape, dtype, amplitude=amplitude)
+    initial = -0.9 * field
+    kept = initial.clone()
+    ours = invert(field, iterations=30, damping=0.5, initial=initial)
+    assert torch.equal(initial, kept), "the compiled path steps its own copy of `initial`"
+    monkeypatch.setattr(interpolation, "_native_kernels", {})  # no C kernels: torch operations (and numba)
+    assert interpolation.inversion_kernel(field, field) is None
+    reference = invert(field, iterations=30, damping=0.5, initial=initial)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert ours.dtype == dtype and ours.shape == field.shape
+    assert float((ours - reference).abs().max()) <= tolerance * amplitude
+    # and it is an inverse: u(x + v(x)) + v(x) is small inside the grid
+    residual = (warp(field.to(torch.float64), ours.to(torch.float64)) + ours.to(torch.float64))
+    assert float(residual[:, 2:-2, 2:-2, 2:-2].abs().max()) < 1e-3
+
+
+@needs_compiler
+def test_compiled_inversion_step_returns_the_largest_move_and_flags_nan(generator):
+    field = smooth_field(generator, (10, 12, 9), torch.float64, amplitude=1.5)
+    inverse, out = (-field).contiguous(), torch.empty_like(field)
+    change = interpolation.inversion_step(field, inverse, out, 0.5)
+    from dynomp.registration.transforms import warp
+
+    step = -warp(field, inverse) - inverse
+    assert change == pytest.approx(float(step.abs().max()), rel=1e-12)
+    assert torch.allclose(out, inverse + 0.5 * step, atol=1e-14)
+    broken = field.clone()
+    broken[1, 4, 5, 6] = math.nan
+    assert math.isnan(interpolation.inversion_step(broken, inverse, out, 0.5))
+    with pytest.raises(ValueError, match=r"inversion_step: needs contiguous CPU float32/float64"):
+        interpolation.inversion_step(field, inverse.to(torch.float32), out, 0.5)

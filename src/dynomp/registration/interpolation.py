@@ -181,6 +181,8 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 _POINTER, _SIZE = ctypes.c_void_p, ctypes.c_int64
+_REAL = object()  # stands for the kernel's own float type (c_float or c_double) in a signature
+_REALS = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}
 _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of the split last
     "sample_points": [_POINTER, *[_SIZE] * 4, _POINTER, _SIZE, _POINTER, _SIZE, _SIZE],
     "sample_points_backward": [_POINTER, *[_SIZE] * 4, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _SIZE],
@@ -188,9 +190,11 @@ _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of t
     "sample_displaced_backward": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _SIZE],
     # Mattes MI under a linear map (parzen.LinearInformation): no split, it returns the MI
     "linear_mattes": [_POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER],
+    # one damped step of transforms.invert: no split, it returns the step's largest magnitude
+    "inversion_step": [_POINTER, *[_SIZE] * 3, _POINTER, _REAL, _POINTER],
 }
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
-_RESULTS = {"linear_mattes": {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}}
+_RESULTS = {"linear_mattes": _REALS, "inversion_step": _REALS}
 _native_kernels: dict[tuple[str, torch.dtype], Any] | None = None
 _native_threads = False  # True where the C kernels split their loops over OpenMP threads themselves
 # flat voxel indices in the C kernels are 32-bit
@@ -209,7 +213,8 @@ def native_kernels() -> dict[tuple[str, torch.dtype], Any]:
             for name, arguments in _SIGNATURES.items():
                 for dtype, suffix in _SUFFIXES.items():
                     kernel = getattr(library, f"{name}_{suffix}")
-                    kernel.argtypes, kernel.restype = arguments, _RESULTS.get(name, {}).get(dtype)
+                    kernel.argtypes = [_REALS[dtype] if a is _REAL else a for a in arguments]
+                    kernel.restype = _RESULTS.get(name, {}).get(dtype)
                     _native_kernels[name, dtype] = kernel
     return _native_kernels
 
@@ -339,6 +344,35 @@ def trilinear_sample(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.T
     """
     _check(volume, coordinates, "trilinear_sample", 2)
     return _TrilinearSample.apply(volume, coordinates)
+
+
+def inversion_step(displacement: torch.Tensor, inverse: torch.Tensor, out: torch.Tensor,
+                   damping: float) -> float:
+    """One damped fixed-point step of `transforms.invert` in one compiled pass: `out` = v + damping s
+    with s = -u(x + v(x)) - v(x) (u = `displacement`, v = `inverse`, both (3, D, H, W) on u's
+    grid); returns max |s| (NaN where any s is NaN). `out` must not overlap `inverse`.
+
+    CPU float32/float64, contiguous tensors of one dtype and shape, with the C sampler compiled
+    (`inversion_kernel`); the caller runs the torch operations elsewhere.
+    """
+    kernel = inversion_kernel(displacement, inverse, out)
+    if kernel is None:
+        raise ValueError("inversion_step: needs contiguous CPU float32/float64 (3, D, H, W) fields of one "
+                         f"dtype and shape and a C compiler, got {tuple(displacement.shape)} "
+                         f"{displacement.dtype} and {tuple(inverse.shape)} {inverse.dtype}")
+    return float(kernel(displacement.data_ptr(), *displacement.shape[1:], inverse.data_ptr(), damping,
+                        out.data_ptr()))
+
+
+def inversion_kernel(*fields: torch.Tensor) -> Any:
+    """The compiled inversion step for these fields, or None where it does not apply."""
+    first = fields[0]
+    if not (first.dim() == 4 and first.shape[0] == 3 and first[0].numel() <= _NATIVE_CHANNEL_LIMIT):
+        return None
+    if not all(f.shape == first.shape and f.dtype == first.dtype and f.device.type == "cpu"
+               and f.is_contiguous() for f in fields):
+        return None
+    return native_kernels().get(("inversion_step", first.dtype))
 
 
 def load_kernels() -> None:

@@ -252,6 +252,95 @@ void sample_displaced_backward_##SUFFIX(const T *volume, int64_t channels, int64
                                            grid_w, n, grad_out, grad_displacement, FROM, TO))      \
 }
 
+/* Inverting a displacement field (transforms.invert): one damped fixed-point step in one pass. For
+ * each voxel x of v's grid (u's grid too), s = -u(x + v(x)) - v(x), with u border-clamped and
+ * trilinear as in sample_displaced, and out(x) = v(x) + damping * s (out and v distinct: the
+ * caller keeps v where the step is not taken, and swaps the two otherwise). The largest |s| is
+ * kept in INVERSION_LANES independent lanes, so that the loop vectorises; a NaN is flagged. */
+#define INVERSION_LANES 16
+#define INVERSION_SLOTS_MAX 256
+#ifdef _OPENMP
+#define INVERSION_TEAM(work)                                                                       \
+    const int slots = omp_get_max_threads() < INVERSION_SLOTS_MAX ? omp_get_max_threads()         \
+                                                                  : INVERSION_SLOTS_MAX;          \
+    const int parallel = (work) >= PARALLEL_MINIMUM;
+#define INVERSION_PARALLEL _Pragma("omp parallel num_threads(slots) if (parallel)")
+#define INVERSION_PART omp_get_thread_num()
+#define INVERSION_PARTS omp_get_num_threads()
+#else
+#define INVERSION_TEAM(work)
+#define INVERSION_PARALLEL
+#define INVERSION_PART 0
+#define INVERSION_PARTS 1
+#endif
+#define DEFINE_INVERSION(T, SUFFIX, ABS)                                                           \
+static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w,        \
+                                      const T *restrict v, T damping, T *restrict out,             \
+                                      int64_t start, int64_t stop, int *nan) {                     \
+    const geometry_##SUFFIX g = geometry_of_##SUFFIX(d, h, w);                                     \
+    const int64_t n = d * h * w;                                                                   \
+    const T *restrict u0 = u, *restrict u1 = u + n, *restrict u2 = u + 2 * n;                      \
+    const T *restrict vz = v, *restrict vy = v + n, *restrict vx = v + 2 * n;                      \
+    T *restrict oz = out, *restrict oy = out + n, *restrict ox = out + 2 * n;                      \
+    T lanes[INVERSION_LANES];                                                                      \
+    int invalid = 0;                                                                               \
+    for (int l = 0; l < INVERSION_LANES; l++) lanes[l] = (T)0;                                     \
+    for (int64_t row = start; row < stop; row++) {                                                 \
+        const T i = (T)(row / h), j = (T)(row % h);                                                \
+        const int64_t first = row * w;                                                             \
+        for (int64_t k0 = 0; k0 < w; k0 += INVERSION_LANES) {                                      \
+            const int64_t count = w - k0 < INVERSION_LANES ? w - k0 : INVERSION_LANES;             \
+            for (int64_t l = 0; l < count; l++) {                                                  \
+                const int64_t q = first + k0 + l;                                                  \
+                const T a = vz[q], b = vy[q], c = vx[q];                                           \
+                T fz, fy, fx;                                                                      \
+                int32_t p = cell_##SUFFIX(&g, i + a, j + b, (T)(k0 + l) + c, &fz, &fy, &fx);       \
+                const T sz = -value_##SUFFIX(u0, &g, p, fz, fy, fx) - a;                           \
+                const T sy = -value_##SUFFIX(u1, &g, p, fz, fy, fx) - b;                           \
+                const T sx = -value_##SUFFIX(u2, &g, p, fz, fy, fx) - c;                           \
+                oz[q] = a + damping * sz;                                                          \
+                oy[q] = b + damping * sy;                                                          \
+                ox[q] = c + damping * sx;                                                          \
+                const T mz = ABS(sz), my = ABS(sy), mx = ABS(sx);                                  \
+                T m = mz > my ? mz : my;                                                           \
+                m = mx > m ? mx : m;                                                               \
+                invalid |= (sz != sz) | (sy != sy) | (sx != sx);                                   \
+                lanes[l] = m > lanes[l] ? m : lanes[l];                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    T largest = (T)0;                                                                              \
+    for (int l = 0; l < INVERSION_LANES; l++) largest = lanes[l] > largest ? lanes[l] : largest;   \
+    if (invalid) *nan = 1;                                                                         \
+    return largest;                                                                                \
+}                                                                                                  \
+                                                                                                   \
+/* the step over the whole field, split over OpenMP's threads where it is large: the largest |s| */\
+/* (NaN where any s is NaN) */                                                                     \
+T inversion_step_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *v, T damping,      \
+                          T *out) {                                                                \
+    const int64_t rows = d * h;                                                                    \
+    T parts[INVERSION_SLOTS_MAX];                                                                  \
+    int flags[INVERSION_SLOTS_MAX];                                                                \
+    int used = 1;                                                                                  \
+    INVERSION_TEAM(rows * w)                                                                       \
+    INVERSION_PARALLEL                                                                             \
+    {                                                                                              \
+        const int64_t part = INVERSION_PART, count = INVERSION_PARTS;                              \
+        flags[part] = 0;                                                                           \
+        parts[part] = inversion_span_##SUFFIX(u, d, h, w, v, damping, out, rows * part / count,    \
+                                              rows * (part + 1) / count, &flags[part]);            \
+        if (part == 0) used = (int)count;                                                          \
+    }                                                                                              \
+    T largest = (T)0;                                                                              \
+    int nan = 0;                                                                                   \
+    for (int t = 0; t < used; t++) {                                                               \
+        largest = parts[t] > largest ? parts[t] : largest;                                         \
+        nan |= flags[t];                                                                           \
+    }                                                                                              \
+    return nan ? (T)NAN : largest;                                                                 \
+}
+
 /* Mattes MI under a linear map, fused: LinearProblem's whole evaluation at a rigid or affine level
  * (pipeline.py), where it was a dozen torch operations and autograd's walk back through them. Pass
  * 1 maps each fixed sample point p to C p on the moving grid, samples the moving image there (value
@@ -471,3 +560,5 @@ DEFINE_SAMPLER(float, f32)
 DEFINE_SAMPLER(double, f64)
 DEFINE_MATTES(float, f32, logf)
 DEFINE_MATTES(double, f64, log)
+DEFINE_INVERSION(float, f32, fabsf)
+DEFINE_INVERSION(double, f64, fabs)

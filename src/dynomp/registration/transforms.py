@@ -264,7 +264,8 @@ def invert(
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"damping: {damping} is outside (0, 1]")
     inverse = -displacement if initial is None else initial
-    if (iterations > 0 and displacement.dim() == 4 and _get_current_dispatch_mode() is None
+    if (iterations > 0 and displacement.dim() == 4 and displacement.device.type == "cpu"
+            and _get_current_dispatch_mode() is None
             and not displacement.requires_grad and not inverse.requires_grad):
         field = displacement.contiguous()
         inverse = inverse.to(field.dtype).contiguous().clone()

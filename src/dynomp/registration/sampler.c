@@ -258,21 +258,6 @@ void sample_displaced_backward_##SUFFIX(const T *volume, int64_t channels, int64
  * caller keeps v where the step is not taken, and swaps the two otherwise). The largest |s| is
  * kept in INVERSION_LANES independent lanes, so that the loop vectorises; a NaN is flagged. */
 #define INVERSION_LANES 16
-#define INVERSION_SLOTS_MAX 256
-#ifdef _OPENMP
-#define INVERSION_TEAM(work)                                                                       \
-    const int slots = omp_get_max_threads() < INVERSION_SLOTS_MAX ? omp_get_max_threads()         \
-                                                                  : INVERSION_SLOTS_MAX;          \
-    const int parallel = (work) >= PARALLEL_MINIMUM;
-#define INVERSION_PARALLEL _Pragma("omp parallel num_threads(slots) if (parallel)")
-#define INVERSION_PART omp_get_thread_num()
-#define INVERSION_PARTS omp_get_num_threads()
-#else
-#define INVERSION_TEAM(work)
-#define INVERSION_PARALLEL
-#define INVERSION_PART 0
-#define INVERSION_PARTS 1
-#endif
 #define DEFINE_INVERSION(T, SUFFIX, ABS)                                                           \
 static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w,        \
                                       const T *restrict v, T damping, T *restrict out,             \
@@ -315,27 +300,23 @@ static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h,
     return largest;                                                                                \
 }                                                                                                  \
                                                                                                    \
-/* the step over the whole field, split over OpenMP's threads where it is large: the largest |s| */\
-/* (NaN where any s is NaN) */                                                                     \
+/* the step over the whole field, split over OpenMP's threads where it is large (SPLIT, one result */\
+/* slot per thread as linear_mattes keeps them): the largest |s|, NaN where any s is NaN */        \
 T inversion_step_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *v, T damping,      \
                           T *out) {                                                                \
-    const int64_t rows = d * h;                                                                    \
-    T parts[INVERSION_SLOTS_MAX];                                                                  \
-    int flags[INVERSION_SLOTS_MAX];                                                                \
-    int used = 1;                                                                                  \
-    INVERSION_TEAM(rows * w)                                                                       \
-    INVERSION_PARALLEL                                                                             \
+    const int64_t start = 0, stop = d * h;                                                         \
+    const int slots = MATTES_SLOTS < MATTES_SLOTS_MAX ? MATTES_SLOTS : MATTES_SLOTS_MAX;           \
+    T moves[MATTES_SLOTS_MAX] = {0};  /* not `parts`: SPLIT names its team size so */              \
+    int flags[MATTES_SLOTS_MAX] = {0};                                                             \
     {                                                                                              \
-        const int64_t part = INVERSION_PART, count = INVERSION_PARTS;                              \
-        flags[part] = 0;                                                                           \
-        parts[part] = inversion_span_##SUFFIX(u, d, h, w, v, damping, out, rows * part / count,    \
-                                              rows * (part + 1) / count, &flags[part]);            \
-        if (part == 0) used = (int)count;                                                          \
+        SPLIT((stop - start) * w,                                                                  \
+              moves[MATTES_SLOT] = inversion_span_##SUFFIX(u, d, h, w, v, damping, out, FROM, TO,  \
+                                                           flags + MATTES_SLOT))                   \
     }                                                                                              \
     T largest = (T)0;                                                                              \
     int nan = 0;                                                                                   \
-    for (int t = 0; t < used; t++) {                                                               \
-        largest = parts[t] > largest ? parts[t] : largest;                                         \
+    for (int t = 0; t < slots; t++) {                                                              \
+        largest = moves[t] > largest ? moves[t] : largest;                                         \
         nan |= flags[t];                                                                           \
     }                                                                                              \
     return nan ? (T)NAN : largest;                                                                 \

@@ -264,19 +264,18 @@ def invert(
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"damping: {damping} is outside (0, 1]")
     inverse = -displacement if initial is None else initial
-    if (iterations > 0 and displacement.dim() == 4 and displacement.device.type == "cpu"
-            and _get_current_dispatch_mode() is None
+    field = displacement.contiguous()
+    if (iterations > 0 and _get_current_dispatch_mode() is None and inversion_kernel(field) is not None
             and not displacement.requires_grad and not inverse.requires_grad):
-        field = displacement.contiguous()
+        # the compiled steps write into their own buffers: `initial` is left as it is
         inverse = inverse.to(field.dtype).contiguous().clone()
         spare = torch.empty_like(inverse)
-        if inversion_kernel(field, inverse, spare) is not None:
-            for _ in range(iterations):
-                change = inversion_step(field, inverse, spare, damping)
-                if tolerance > 0 and change <= tolerance:
-                    break
-                inverse, spare = spare, inverse
-            return inverse
+        for _ in range(iterations):
+            change = inversion_step(field, inverse, spare, damping)
+            if tolerance > 0 and change <= tolerance:
+                break
+            inverse, spare = spare, inverse
+        return inverse
     for _ in range(iterations):
         step = -warp(displacement, inverse) - inverse
         change = float(step.abs().max()) if tolerance > 0 else math.inf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -66,6 +67,23 @@ def test_the_build_is_cached_and_leaves_nothing_half_written(tmp_path):
     assert again == first and again.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
     assert first.name.startswith("registration-sampler-") and first.suffix == ".so"
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["registration/sampler", "registration/filters", "precision/statistics"])
+def test_each_compiled_source_builds_with_openmp_where_the_compiler_has_it(tmp_path, name):
+    # native.build falls back to a serial flag set when the OpenMP one fails: a source that only
+    # compiles serially would load and pass every numeric test, one thread at a time
+    probe = tmp_path / "probe.c"
+    probe.write_text("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+    if subprocess.run([native.compiler(), *native.OPENMP_FLAGS, str(probe), "-o", str(tmp_path / "probe")],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("this C compiler has no OpenMP")
+    flags = native._flag_sets()[0]
+    assert all(flag in flags for flag in native.OPENMP_FLAGS)
+    built = subprocess.run([native.compiler(), *flags, str(native.SOURCES / f"{name}.c"), "-o", str(tmp_path / "x.so")],
+                           capture_output=True, text=True, check=False)
+    assert built.returncode == 0, f"{name}.c with {' '.join(flags)}: {built.stderr.strip()[:500]}"
 
 
 def test_a_failing_compiler_is_named_and_leaves_no_file(monkeypatch, tmp_path):

@@ -93,3 +93,40 @@ def test_bad_arguments_name_the_argument():
         VirtualPrecision("fp7")
     with pytest.raises(ValueError, match="^rounding: "):
         VirtualPrecision("bf16", "down")
+
+
+def test_in_single_precision_runs_forward_and_backward_unrounded():
+    from dynomp.precision.dispatch import in_single_precision
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.rand(1000, generator=generator) * 1e-3
+
+    def function(t):
+        # squares of 1e-3 are subnormal in fp16, and the gradient divides by their small sum
+        return torch.log((t * t).sum())
+
+    exact = values.clone().requires_grad_(True)
+    expected = function(exact)
+    (expected_gradient,) = torch.autograd.grad(expected, exact)
+    plain = values.clone().requires_grad_(True)
+    wrapped = values.clone().requires_grad_(True)
+    with VirtualPrecision("fp16"):
+        rounded = function(plain)
+        (rounded_gradient,) = torch.autograd.grad(rounded, plain)
+        value = in_single_precision(function, wrapped)
+        (gradient,) = torch.autograd.grad(value, wrapped)
+    # rounded after every op the value moves; wrapped, both passes equal the fp32 ones exactly
+    assert float(rounded) != float(expected) and not torch.equal(rounded_gradient, expected_gradient)
+    assert float(value) == float(expected)
+    assert torch.equal(gradient, expected_gradient)
+
+
+def test_in_single_precision_widens_half_inputs_and_returns_their_dtype():
+    from dynomp.precision.dispatch import in_single_precision
+
+    half = torch.full((3000,), 1.0, dtype=torch.float16, requires_grad=True)
+    total = in_single_precision(torch.sum, half)
+    # 3000 ones: an fp16 running sum would stop at 2048; the fp32 sum is exact
+    assert total.dtype == torch.float32 and float(total) == 3000.0
+    (gradient,) = torch.autograd.grad(total * 0.5, half)
+    assert gradient.dtype == torch.float16 and torch.all(gradient == 0.5)

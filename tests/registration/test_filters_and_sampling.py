@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -357,3 +358,53 @@ def test_a_three_component_field_samples_as_its_components_do(generator, dtype):
     # one cell lookup serves all three components: the same numbers as one component at a time
     assert torch.equal(warp(field, displacement), torch.stack([warp(c, displacement) for c in field]))
     assert torch.equal(sample(field, points), torch.stack([sample(c, points) for c in field]))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_mutual_information_under_a_16_bit_format_stays_finite_and_near_fp32(generator, fmt):
+    from dynomp.precision.dispatch import VirtualPrecision
+
+    # 2000 samples in 32 x 32 bins: most products of two marginals lie below fp16's 6e-5, and a
+    # bin of a 16-bit histogram stops growing after 256 (bf16) or 2048 (fp16) equal weights
+    fixed = torch.rand(2000, generator=generator)
+    moving = (0.6 * fixed + 0.4 * torch.rand(2000, generator=generator))
+    ranges = {"fixed_range": (0.0, 1.0), "moving_range": (0.0, 1.0)}
+    reference_moving = moving.clone().requires_grad_(True)
+    with VirtualPrecision("fp32"):  # the torch expression, unrounded
+        reference = mutual_information(fixed, reference_moving, bins=32, **ranges)
+    (expected,) = torch.autograd.grad(reference, reference_moving)
+    ours = moving.clone().requires_grad_(True)
+    with VirtualPrecision(fmt):
+        value = mutual_information(fixed, ours, bins=32, **ranges)
+        (gradient,) = torch.autograd.grad(value, ours)
+    assert torch.isfinite(value) and torch.isfinite(gradient).all()
+    # the per-sample weights carry the format's rounding, the histogram and MI do not
+    assert abs(float(value.detach()) - float(reference.detach())) < 0.02 * float(reference.detach())
+    cosine = float((gradient * expected).sum() / (gradient.norm() * expected.norm()))
+    assert cosine > 0.95
+
+
+def test_local_cc_gradient_under_fp16_is_neither_zero_nor_subnormal(generator):
+    from dynomp.precision.dispatch import VirtualPrecision
+    from dynomp.registration.metrics import build_loss
+
+    from .conftest import phantom
+
+    # the phantom's edges give windows with variances near 100: times 4096 voxels, past 65504
+    image, _ = phantom(16)
+    fixed = torch.from_numpy(image).float()
+    moving = torch.from_numpy(np.roll(image, 1, axis=0)).float()
+    loss = build_loss("cc", fixed=fixed, moving=moving, radius=4)
+    scale = 2.0 ** 12  # SymmetricProblem's scale for 16^3 voxels
+    reference_moving = moving.clone().requires_grad_(True)
+    with VirtualPrecision("fp32"):
+        (expected,) = torch.autograd.grad(loss(fixed, reference_moving), reference_moving, torch.tensor(scale))
+    ours = moving.clone().requires_grad_(True)
+    with VirtualPrecision("fp16"):
+        value = loss(fixed, ours)
+        (gradient,) = torch.autograd.grad(value, ours, torch.tensor(scale))
+    # the count times a window's variances passes 65504: divided by it, every weight was zero
+    assert torch.isfinite(gradient).all() and float(gradient.abs().max()) > 1e-3
+    cosine = float((gradient * expected).sum() / (gradient.norm() * expected.norm()))
+    assert cosine > 0.99
+    assert abs(float(value.detach()) - float(loss(fixed, moving))) < 1e-2 * abs(float(loss(fixed, moving)))

@@ -7,10 +7,16 @@ are left alone (their values are those of their base), and in-place ops are roun
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _disable_current_modes,
+    _get_current_dispatch_mode_stack,
+)
 from torch.utils._pytree import tree_map
 
 from dynomp.precision.formats import FloatFormat, get_format
@@ -26,6 +32,67 @@ _SKIPPED_OPS = {
     torch.ops.aten.alias.default,
     torch.ops.aten.lift_fresh.default,
 }
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def single_precision_accumulation() -> Iterator[None]:
+    """Run the enclosed operations unrounded: an active `VirtualPrecision` is suspended inside.
+
+    For the few reductions a low-precision step keeps in at least fp32, as GPUs do when they
+    accumulate 16-bit products in fp32: a metric's sums over thousands of voxels, its histogram,
+    the loss value. Pair it with `widen`, which gives natively held 16-bit tensors the float32
+    dtype. Autograd still records the operations; their backward runs in whatever mode is active
+    when the gradient is taken.
+    """
+    if any(getattr(mode, "emulates_precision", False) for mode in _get_current_dispatch_mode_stack()):
+        with _disable_current_modes():
+            yield
+    else:
+        yield
+
+
+def widen(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as float32 where it is held in fp16 or bf16; unchanged otherwise (float32, float64)."""
+    return tensor.float() if tensor.dtype in _HALF_DTYPES else tensor
+
+
+def in_single_precision(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """`function(*tensors)` computed in at least fp32, its backward too.
+
+    `single_precision_accumulation` covers a forward pass only: autograd runs the backward later,
+    under the caller's mode, where a 16-bit format can turn a division by a small sum into inf.
+    Here both passes run unrounded on widened inputs, and the gradients go back in the inputs'
+    dtypes.
+    """
+    return _SinglePrecision.apply(function, *tensors)
+
+
+class _SinglePrecision(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, function, *tensors):
+        with single_precision_accumulation(), torch.enable_grad():
+            inputs = [widen(t.detach()).requires_grad_(t.requires_grad) for t in tensors]
+            output = function(*inputs)
+        ctx.inputs, ctx.output = inputs, output
+        ctx.dtypes = [t.dtype for t in tensors]
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        wanted = [index for index, tensor in enumerate(ctx.inputs) if tensor.requires_grad]
+        gradients = [None] * len(ctx.inputs)
+        if wanted:
+            with single_precision_accumulation():
+                found = torch.autograd.grad(ctx.output, [ctx.inputs[i] for i in wanted],
+                                            widen(grad).to(ctx.output.dtype), allow_unused=True)
+            for index, value in zip(wanted, found, strict=True):
+                if value is not None:
+                    gradients[index] = value.to(ctx.dtypes[index])
+        ctx.inputs = ctx.output = None
+        return (None, *gradients)
 
 
 class VirtualPrecision(TorchDispatchMode):

@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp import native
+from dynomp.precision.dispatch import in_single_precision, single_precision_accumulation, widen
 from dynomp.registration.parzen import compiled_information
 from dynomp.registration.pyramid import separable_filter
 
@@ -82,6 +83,14 @@ def joint_histogram(
     fixed_taps: tuple[torch.Tensor, torch.Tensor], moving_taps: tuple[torch.Tensor, torch.Tensor], *, bins: int
 ) -> torch.Tensor:
     """The normalised bins x bins Parzen joint histogram from both images' four-tap windows."""
+    cells, products = _cells_and_products(fixed_taps, moving_taps, bins=bins)
+    return _normalised_histogram(cells, products, bins=bins)
+
+
+def _cells_and_products(
+    fixed_taps: tuple[torch.Tensor, torch.Tensor], moving_taps: tuple[torch.Tensor, torch.Tensor], *, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16 joint-histogram cells each sample touches (flat indices) and their weights."""
     fixed_first, fixed_weights = fixed_taps
     moving_first, moving_weights = moving_taps
     offsets = _TAP_OFFSETS.to(fixed_first.device)
@@ -89,6 +98,10 @@ def joint_histogram(
     columns = moving_first.unsqueeze(-1) + offsets
     cells = (rows.unsqueeze(-1) + columns.unsqueeze(-2)).reshape(-1)
     products = (fixed_weights.unsqueeze(-1) * moving_weights.unsqueeze(-2)).reshape(-1)
+    return cells, products
+
+
+def _normalised_histogram(cells: torch.Tensor, products: torch.Tensor, *, bins: int) -> torch.Tensor:
     joint = torch.zeros(bins * bins, dtype=products.dtype, device=products.device).index_add(0, cells, products)
     joint = joint.reshape(bins, bins)
     return joint / joint.sum()
@@ -119,12 +132,19 @@ def mutual_information(
     if _compiled_information_applies(fixed, moving):
         return compiled_information(fixed.reshape(-1), moving.reshape(-1), bins=bins, padding=_PADDING_BINS,
                                     fixed_range=fixed_range, moving_range=moving_range)
-    joint = joint_histogram(
+    cells, products = _cells_and_products(
         parzen_taps(fixed, low=fixed_range[0], high=fixed_range[1], bins=bins),
         parzen_taps(moving, low=moving_range[0], high=moving_range[1], bins=bins),
         bins=bins,
     )
-    return mutual_information_of_histogram(joint)
+
+    # the per-sample work runs in the step's format; the histogram and MI in at least fp32. A
+    # 16-bit bin stops growing at 256 (bf16) or 2048 (fp16) equal weights, and most products of
+    # two marginals of a 32 x 32 histogram lie below fp16's smallest normal number (6e-5)
+    def information(weights: torch.Tensor) -> torch.Tensor:
+        return mutual_information_of_histogram(_normalised_histogram(cells, weights, bins=bins))
+
+    return in_single_precision(information, products)
 
 
 def _compiled_information_applies(fixed: torch.Tensor, moving: torch.Tensor) -> bool:
@@ -260,10 +280,15 @@ class _LocalCrossCorrelation(torch.autograd.Function):
         stats = _window_statistics(fixed, moving, radius)
         cross, denominator = stats["cross"], stats["denominator"]
         correlation = cross * cross / denominator
-        loss = correlation.clamp(max=1.0).mean()
+        clamped = correlation.clamp(max=1.0)
+        # the mean over every voxel, and so the loss the convergence test reads, in at least fp32
+        with single_precision_accumulation():
+            loss = widen(clamped).mean()
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             inside = (correlation <= 1.0).to(cross.dtype)
-            scale = inside / (denominator * correlation.numel())
+            # the weights of the sum over voxels; the backward divides by the count (denominator x
+            # count overflowed fp16's 65504, which zeroed every weight of a 16-bit step)
+            scale = inside / denominator
             cross_weight = 2.0 * cross * scale
             squared = cross * cross * scale / denominator
             fixed_weight = -squared * stats["moving_variance"].clamp(min=0) * (stats["fixed_variance"] >= 0)
@@ -284,6 +309,10 @@ class _LocalCrossCorrelation(torch.autograd.Function):
                            None if grad_moving is None else grad_moving.data_ptr())
             return grad_fixed, grad_moving, None
         fixed, moving, mean_fixed, mean_moving, cross_weight, fixed_weight, moving_weight = ctx.saved_tensors
+        # d(mean)/d(sum) with the incoming gradient, in at least fp32 (a loss scale keeps it near 1:
+        # unscaled, 1 / count is subnormal in fp16), then in the images' dtype
+        with single_precision_accumulation():
+            grad = (widen(grad) / fixed.numel()).to(fixed.dtype)
         sums = box_sum(torch.stack([
             cross_weight, cross_weight * mean_fixed, cross_weight * mean_moving,
             fixed_weight, fixed_weight * mean_fixed, moving_weight, moving_weight * mean_moving,
@@ -313,8 +342,10 @@ def largest_intermediate(metric: str, *, fixed: torch.Tensor, moving: torch.Tens
 
 
 def mean_squared_error(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-    """Mean of the squared intensity differences."""
-    return ((fixed - moving) ** 2).mean()
+    """Mean of the squared intensity differences (the mean in at least fp32)."""
+    squared = (fixed - moving) ** 2
+    with single_precision_accumulation():
+        return widen(squared).mean()
 
 
 def regular_sample_index(count: int, *, fraction: float, seed: int, device: torch.device) -> torch.Tensor | None:
@@ -384,15 +415,19 @@ def build_loss(
         )
 
         def mi_loss(fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
-            return -mutual_information(
+            information = mutual_information(
                 fixed_values, moving_values, bins=bins, fixed_range=fixed_range, moving_range=moving_range
             )
+            return in_single_precision(torch.neg, information)
 
         return SampledLoss(mi_loss, index, MattesParameters(bins, fixed_range, moving_range))
     if name == "cc":
-        return lambda fixed_values, moving_values: -local_cross_correlation(
-            fixed_values, moving_values, radius=radius
-        )
+        def cc_loss(fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
+            # the sign unrounded both ways: a scaled gradient (SymmetricProblem) passes fp16's range
+            return in_single_precision(torch.neg, local_cross_correlation(fixed_values, moving_values,
+                                                                          radius=radius))
+
+        return cc_loss
     if name == "mse":
         return mean_squared_error
     raise ValueError(f"metric: unknown metric {name!r} (known: mi, cc, mse)")

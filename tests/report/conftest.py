@@ -1,8 +1,8 @@
 """A small study laid out as the workflow lays it out, written by the real commands' library code.
 
 results/registration/sub-0S/<ARM>: `register_files` on three 16^3 phantom pairs with the arms fp64,
-fp32 and dynomp, and fp16 on sub-01 (the fp16 arm diverges at its first iteration on this pair:
-the mutual information's histogram is not finite in half precision). results/learning/2d/<ARM>:
+fp32 and dynomp, and fp16 on sub-01's pair with its intensities scaled by 1e6 (past fp16's largest
+value, 65504, so the fp16 arm diverges at its first iteration). results/learning/2d/<ARM>:
 `train` for 3 steps of a tiny 2-D VoxelMorph with fp32, dynomp and fp16 (which diverges at step
 2, see tests/learning/test_train.py); results/learning/3d/fp32: the same arm in 3-D, so that two
 runs share an arm. `evaluate_model` on every run, as the workflow does (a diverged run gets an
@@ -49,9 +49,11 @@ def tiny_registration_config():
     return dataclasses.replace(quick, stages=stages)
 
 
-def write_pair(folder: Path, *, seed: int, shift: tuple[float, float, float]) -> dict[str, Path]:
-    """A phantom and an affinely moved copy of it, with label maps, as NIfTI files."""
+def write_pair(folder: Path, *, seed: int, shift: tuple[float, float, float],
+               scale: float = 1.0) -> dict[str, Path]:
+    """A phantom and an affinely moved copy of it, intensities times `scale`, with label maps."""
     image, labels = phantom(SIZE, seed=seed)
+    image = image * scale
     matrix = np.array([[1.06, 0.05, 0.0], [-0.04, 0.95, 0.03], [0.02, 0.0, 1.03]])
     inverse = np.linalg.inv(matrix)
     center = np.full(3, (SIZE - 1) / 2)
@@ -77,10 +79,13 @@ def study(tmp_path_factory) -> dict[str, object]:
     config = tiny_registration_config()
     registration_runs = []
     for index, subject in enumerate(SUBJECTS):
-        files = write_pair(root / "inputs" / subject, seed=index,
-                           shift=(0.8 - 0.3 * index, -0.5, 1.0))
-        arms = REGISTRATION_ARMS + (("fp16",) if subject == DIVERGING_RUN[0] else ())
-        for arm in arms:
+        shift = (0.8 - 0.3 * index, -0.5, 1.0)
+        files = write_pair(root / "inputs" / subject, seed=index, shift=shift)
+        runs = [(arm, files) for arm in REGISTRATION_ARMS]
+        if subject == DIVERGING_RUN[0]:
+            runs.append((DIVERGING_RUN[1], write_pair(root / "inputs" / f"{subject}-overflow",
+                                                      seed=index, shift=shift, scale=1e6)))
+        for arm, files in runs:
             run = root / "registration" / subject / arm
             register_files(fixed=files["fixed"], moving=files["moving"], arm=arm, out=run,
                            fixed_labels=files["fixed_labels"],

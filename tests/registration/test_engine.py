@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -234,3 +237,27 @@ def test_only_dynomp_keeps_master_parameters(fixed_pair, arm):
     else:
         # the fixed arm holds its state in its own format
         assert parameters.dtype == torch.float32 and in_bf16
+
+
+def test_a_registration_does_not_import_sympy(tmp_path):
+    # autograd.grad given grad_outputs imports torch's symbolic shapes and sympy on its first call,
+    # about 1 s added to every registration process; a fresh interpreter shows whether it happened
+    script = tmp_path / "register.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import numpy as np
+        from types import SimpleNamespace
+        from dynomp.registration.config import quick_config
+        from dynomp.registration.pipeline import register_pair
+        grid = np.stack(np.meshgrid(*[np.arange(12.0)] * 3, indexing="ij"))
+        image = np.exp(-((grid - 5.5) ** 2).sum(0) / 12.0)
+        pair = [SimpleNamespace(data=data, affine=np.eye(4)) for data in (image, np.roll(image, 1, 0))]
+        for precision in ("fp64", "dynomp"):
+            result = register_pair(fixed=pair[0], moving=pair[1], config=quick_config(),
+                                   precision=precision)
+            assert result.status == "completed", result.status
+        print(sorted(name for name in sys.modules if name.split(".")[0] == "sympy"))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -85,9 +85,12 @@ class _SinglePrecision(torch.autograd.Function):
         wanted = [index for index, tensor in enumerate(ctx.inputs) if tensor.requires_grad]
         gradients = [None] * len(ctx.inputs)
         if wanted:
-            with single_precision_accumulation():
-                found = torch.autograd.grad(ctx.output, [ctx.inputs[i] for i in wanted],
-                                            widen(grad).to(ctx.output.dtype), allow_unused=True)
+            with single_precision_accumulation(), torch.enable_grad():
+                # the vector-Jacobian product as the gradient of <output, grad>, the same values:
+                # autograd.grad given grad_outputs imports sympy on its first call (about 1 s)
+                weighted = (ctx.output * widen(grad).to(ctx.output.dtype)).sum()
+                found = torch.autograd.grad(weighted, [ctx.inputs[i] for i in wanted],
+                                            allow_unused=True)
             for index, value in zip(wanted, found, strict=True):
                 if value is not None:
                     gradients[index] = value.to(ctx.dtypes[index])

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from dynomp.precision.dispatch import single_precision_accumulation
+from dynomp.precision.dispatch import in_single_precision, single_precision_accumulation
 from dynomp.registration.config import RegistrationConfig, StageConfig
 from dynomp.registration.interpolation import NUMPY_DTYPES
 from dynomp.registration.metrics import Loss, build_loss, largest_intermediate
@@ -344,9 +344,10 @@ class SymmetricProblem:
         fixed_field = self.fixed_field.detach().requires_grad_(True)
         moving_field = self.moving_field.detach().requires_grad_(True)
         loss = self.loss(warp(self.fixed, fixed_field), warp(self.moving, moving_field))
-        with single_precision_accumulation():
-            scale = torch.full((), self.loss_scale, dtype=loss.dtype, device=loss.device)
-        fixed_gradient, moving_gradient = torch.autograd.grad(loss, [fixed_field, moving_field], scale)
+        # scaled in at least fp32 both ways (2^18 is past fp16's range); not as autograd.grad's
+        # grad_outputs, which import sympy on their first call in a process (about 1 s)
+        scaled = in_single_precision(lambda value: value * self.loss_scale, loss)
+        fixed_gradient, moving_gradient = torch.autograd.grad(scaled, [fixed_field, moving_field])
         return loss.detach(), [fixed_gradient, moving_gradient]
 
     def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:

@@ -408,3 +408,28 @@ def test_local_cc_gradient_under_fp16_is_neither_zero_nor_subnormal(generator):
     cosine = float((gradient * expected).sum() / (gradient.norm() * expected.norm()))
     assert cosine > 0.99
     assert abs(float(value.detach()) - float(loss(fixed, moving))) < 1e-2 * abs(float(loss(fixed, moving)))
+
+
+@pytest.mark.parametrize("held", ["emulated", "native"])
+def test_16_bit_warps_sample_at_single_precision_points(held):
+    from dynomp.precision.dispatch import VirtualPrecision
+    from dynomp.precision.rounding import round_to
+
+    # values x - 70 along the last axis: 0.3 voxels past voxel 70 reads 0.3. In bf16 the point
+    # 70 + 0.3 would be 70.5 (8 significant bits), and [-1, 1] steps by 1/256 of the axis
+    ramp = (torch.arange(80, dtype=torch.float32) - 70.0).expand(2, 3, 80).contiguous()
+    shift = torch.zeros(3, 2, 3, 80)
+    shift[2] = 0.3
+    if held == "emulated":
+        with VirtualPrecision("bf16"):
+            warped = warp(ramp, round_to(shift, "bf16"))
+            listed = sample(ramp, round_to(torch.tensor([[1.0], [1.0], [70.3]]), "bf16"))
+    else:  # natively 16-bit tensors, as on a GPU
+        warped = warp(ramp.bfloat16(), shift.bfloat16())
+        listed = sample(ramp.bfloat16(), torch.tensor([[1.0], [1.0], [70.3]], dtype=torch.bfloat16))
+        assert warped.dtype == listed.dtype == torch.bfloat16
+    # the value itself is rounded to bf16 (0.30078125); the point was not
+    assert float(warped[1, 1, 70]) == pytest.approx(0.3, abs=2e-3)
+    # bf16 holds 70.3 as 70.5: the rounded point is sampled in fp32 without further loss
+    assert float(listed[0]) == pytest.approx(0.5, abs=2e-3)
+    assert float(warped[1, 1, 10]) == pytest.approx(-59.7, abs=0.25)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from dynomp.precision.dispatch import single_precision_accumulation, widen
 from dynomp.registration.interpolation import (
     displaced_sample,
     inversion_kernel,
@@ -72,21 +73,27 @@ def sample(
         values = trilinear_sample(volume.reshape(-1, *spatial),
                                   coordinates.reshape(dimensions, -1).to(volume.dtype))
         return values.reshape(*channels, *coordinates.shape[1:])
-    # grid_sample wants (..., D) in [-1, 1] with the last array axis first: one scaled copy
-    scales = [2.0 / (n - 1) if n > 1 else 0.0 for n in spatial[::-1]]
-    scale = torch.tensor(scales, dtype=volume.dtype, device=coordinates.device)
-    grid = torch.addcmul(
-        torch.tensor(-1.0, dtype=volume.dtype, device=coordinates.device),
-        coordinates.flip(0).movedim(0, -1).to(volume.dtype),
-        scale,
-    )
+    # grid_sample wants (..., D) in [-1, 1] with the last array axis first: one scaled copy. The
+    # points are held in at least fp32 whatever the format (as a GPU's texture unit computes its
+    # addresses): in bf16, [-1, 1] steps by 1/256 of an axis, half a voxel on a 128-voxel axis
+    grid_dtype = torch.promote_types(volume.dtype, torch.float32)
+    with single_precision_accumulation():
+        scales = [2.0 / (n - 1) if n > 1 else 0.0 for n in spatial[::-1]]
+        scale = torch.tensor(scales, dtype=grid_dtype, device=coordinates.device)
+        grid = torch.addcmul(
+            torch.tensor(-1.0, dtype=grid_dtype, device=coordinates.device),
+            coordinates.flip(0).movedim(0, -1).to(grid_dtype),
+            scale,
+        )
     if coordinates.dim() - 1 != dimensions:
         # a list of points rather than a grid: grid_sample wants D output axes, so add unit ones
         grid = grid.reshape(-1, *([1] * (dimensions - 1)), dimensions)
     grid = grid.unsqueeze(0)
     batch = volume.reshape(1, -1, *spatial)
-    values = F.grid_sample(batch, grid, mode=mode, padding_mode=padding, align_corners=True)
-    return values.reshape(*channels, *coordinates.shape[1:])
+    # a natively 16-bit volume is read at the fp32 points (grid_sample takes one dtype) and its
+    # values given back in the volume's dtype
+    values = F.grid_sample(batch.to(grid_dtype), grid, mode=mode, padding_mode=padding, align_corners=True)
+    return values.to(volume.dtype).reshape(*channels, *coordinates.shape[1:])
 
 
 def _compiled_kernel_applies(volume: torch.Tensor, coordinates: torch.Tensor, *, mode: str,
@@ -226,10 +233,15 @@ def warp(
         spatial = volume.shape[-3:]
         values = displaced_sample(volume.reshape(-1, *spatial), displacement.to(volume.dtype))
         return values.reshape(*volume.shape[:-3], *displacement.shape[1:])
-    coordinates = identity_coordinates(
-        displacement.shape[1:], dtype=displacement.dtype, device=displacement.device, cached=True
-    )
-    return sample(volume, coordinates + displacement, mode=mode, padding=padding)
+    # x + u(x) in at least fp32 (see `sample`): a small 16-bit displacement is precise, but added
+    # to a bf16 voxel index of 77 it would move in half-voxel steps
+    with single_precision_accumulation():
+        coordinates = identity_coordinates(
+            displacement.shape[1:], dtype=torch.promote_types(displacement.dtype, torch.float32),
+            device=displacement.device, cached=True,
+        )
+        points = coordinates + widen(displacement)
+    return sample(volume, points, mode=mode, padding=padding)
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

@@ -367,21 +367,27 @@ def run_dipy_arm(*, folder: Path, config: Any) -> dict[str, Any]:
     }
 
 
-def benchmark_config(preset: str, threads: int) -> Any:
-    """The registration config every arm runs (ANTs and the engine alike)."""
+def benchmark_config(preset: str, threads: int, execution: str = "native") -> Any:
+    """The registration config every arm runs (ANTs and the engine alike).
+
+    `execution`: how dynomp runs a format the device lacks ("native": the nearest native one;
+    "virtual": emulated, every operation rounded to it, as a GPU would compute bf16 and fp16).
+    """
     import dataclasses
 
     from dynomp.registration.config import paper_config, quick_config
 
     base = paper_config() if preset == "paper" else quick_config()
-    return dataclasses.replace(base, threads=threads)
+    precision = dataclasses.replace(base.precision, execution=execution)
+    return dataclasses.replace(base, threads=threads, precision=precision)
 
 
-def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path, device: str = "cpu") -> None:
+def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path, device: str = "cpu",
+            execution: str = "native") -> None:
     """Child-process entry: run one arm and write its measurements as JSON."""
     from dynomp.atomic import write_json_atomic
 
-    config = benchmark_config(preset, threads)
+    config = benchmark_config(preset, threads, execution)
     if arm in ENGINE_ARMS:
         result = run_engine_arm(arm, folder=folder, config=config, device=device)
     elif arm in ("ants-fp64", "ants-fp32"):
@@ -518,6 +524,10 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the engine arms run (ANTs and DIPY run on the CPU)")
     parser.add_argument("--preset", choices=("paper", "quick"), default="paper")
+    parser.add_argument("--execution", choices=("native", "virtual"), default="native",
+                        help="dynomp's formats the device lacks: the nearest native one, or emulated "
+                             "(virtual: what a GPU computes in bf16/fp16; the fixed bf16/fp16 arms "
+                             "are emulated on a CPU either way)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each engine arm, interleaved; the median is reported (ANTs and DIPY run once)")
@@ -528,7 +538,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run_arm:
         run_arm(args.run_arm, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out,
-                device=args.device)
+                device=args.device, execution=args.execution)
         return
     for arm in args.arms:
         if arm not in PEER_ARMS + ENGINE_ARMS:
@@ -557,7 +567,8 @@ def main() -> None:
             arm_out = folder / f"{arm}.json"
             completed = subprocess.run(
                 [sys.executable, __file__, "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
-                 "--preset", args.preset, "--threads", str(args.threads), "--device", args.device],
+                 "--preset", args.preset, "--threads", str(args.threads), "--device", args.device,
+                 "--execution", args.execution],
                 env=environment, capture_output=True, text=True, check=False,
             )
             if completed.returncode != 0:
@@ -579,7 +590,7 @@ def main() -> None:
         "repeats": args.repeats, "device": args.device,
         "pair": {"shape": list(pair["fixed"].shape), "voxel_mm": VOXEL_MM, "seed": args.seed,
                  "dice_before": before},
-        "preset": args.preset, "results": results, "checks": checks, "table": table,
+        "preset": args.preset, "execution": args.execution, "results": results, "checks": checks, "table": table,
     })
 
 

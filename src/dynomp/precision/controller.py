@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dynomp.precision.dispatch import VirtualPrecision
+from dynomp.precision.dispatch import VirtualPrecision, widened_dtype
 from dynomp.precision.estimator import (
     as_tensor_list,
     check_same_shapes,
@@ -291,7 +291,7 @@ class PrecisionController:
     def _attach_masters(
         self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype
     ) -> None:
-        master_dtype = torch.promote_types(dtype, torch.float32)
+        master_dtype = widened_dtype(dtype)
         if self._masters:
             for master in self._masters.values():
                 if master.dtype != master_dtype and master_dtype == torch.float64:

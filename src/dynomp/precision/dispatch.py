@@ -54,9 +54,14 @@ def single_precision_accumulation() -> Iterator[None]:
         yield
 
 
+def widened_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for fp16 and bf16; any other dtype (float32, float64) unchanged."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
 def widen(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` as float32 where it is held in fp16 or bf16; unchanged otherwise (float32, float64)."""
-    return tensor.float() if tensor.dtype in _HALF_DTYPES else tensor
+    return tensor.to(widened_dtype(tensor.dtype))
 
 
 def in_single_precision(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:

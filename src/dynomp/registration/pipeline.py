@@ -24,6 +24,7 @@ current format; the final transforms are assembled and applied in float64.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -36,7 +37,11 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from dynomp.precision.dispatch import in_single_precision, single_precision_accumulation
+from dynomp.precision.dispatch import (
+    in_single_precision,
+    single_precision_accumulation,
+    widened_dtype,
+)
 from dynomp.registration.config import RegistrationConfig, StageConfig
 from dynomp.registration.interpolation import NUMPY_DTYPES
 from dynomp.registration.metrics import Loss, build_loss, largest_intermediate
@@ -166,11 +171,6 @@ class _Pyramid:
         return self._built[key]
 
 
-def _master_dtype(setting: PrecisionSetting) -> torch.dtype:
-    """fp32 for a 16-bit (or emulated) format, else the format's own dtype (fp32 or fp64)."""
-    return torch.promote_types(setting.dtype, torch.float32)
-
-
 class LinearProblem:
     """Rigid or affine parameters at one level: y = M (x - c) + c + t in physical space."""
 
@@ -193,16 +193,18 @@ class LinearProblem:
             fixed_values = fixed_values.reshape(-1)[self.sample_index]
         self.points = setting.cast(points)
         self.fixed = setting.cast(fixed_values)
-        # dynomp maps the points in at least fp32 too, from the master copies (`evaluate`)
-        self.master_points = points.to(_master_dtype(setting))
         self.moving = setting.cast(images.moving.data)
         # dynomp keeps the few parameters in at least fp32 (master copies, as mixed-precision
         # training keeps fp32 weights) and evaluates in the step's format. Held in bf16, a 4 mm
-        # translation moves in 0.03 mm steps, and the rigid levels stalled 2-4 % above fp64's loss
+        # translation moves in 0.03 mm steps, and the rigid levels stalled 2-4 % above fp64's loss.
+        # It maps the points in at least fp32 too, from the master copies (`evaluate`)
         self.master = setting.adaptive
         self.working = setting.cast
-        self.parameters = (parameters.detach().to(_master_dtype(setting)) if self.master
-                           else setting.cast(parameters))
+        if self.master:
+            self.master_points = points.to(widened_dtype(setting.dtype))
+            self.parameters = parameters.detach().to(widened_dtype(setting.dtype))
+        else:
+            self.parameters = setting.cast(parameters)
         self._prepare_fused()
         spacing = float(np.mean(np.linalg.norm(self.fixed_affine[: self.dimensions, : self.dimensions].numpy(), axis=0)))
         corners = identity_coordinates([2] * self.dimensions, dtype=torch.float64) * torch.tensor(
@@ -250,17 +252,14 @@ class LinearProblem:
             # the map from the master copies, unrounded: rounded to bf16, the matrix alone moves
             # a voxel 77 voxels from the centre by 0.15 voxels; the step's format is the images'
             parameters = self.parameters.detach().requires_grad_(True)
-            with single_precision_accumulation():
-                coordinates = map_points(
-                    self.matrix(parameters), fixed_affine=self.fixed_affine,
-                    moving_affine=self.moving_affine, points=self.master_points,
-                    moving_inverse=self.moving_inverse,
-                )
+            points, mapping = self.master_points, single_precision_accumulation()
         else:
             parameters = self.working(self.parameters).requires_grad_(True)
+            points, mapping = self.points, contextlib.nullcontext()
+        with mapping:
             coordinates = map_points(
                 self.matrix(parameters), fixed_affine=self.fixed_affine,
-                moving_affine=self.moving_affine, points=self.points, moving_inverse=self.moving_inverse,
+                moving_affine=self.moving_affine, points=points, moving_inverse=self.moving_inverse,
             )
         moving_values = sample(self.moving, coordinates)
         if self.sample_index is not None:
@@ -325,7 +324,7 @@ class LinearProblem:
         self.fixed = setting.cast(self.fixed)
         self.moving = setting.cast(self.moving)
         if self.master:
-            dtype = _master_dtype(setting)
+            dtype = widened_dtype(setting.dtype)
             self.parameters = self.parameters.to(dtype)
             self.master_points = self.master_points.to(dtype)
             self.optimizer.cast(lambda tensor: tensor.to(dtype))

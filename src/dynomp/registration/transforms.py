@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from dynomp.precision.dispatch import single_precision_accumulation, widen
+from dynomp.precision.dispatch import single_precision_accumulation, widen, widened_dtype
 from dynomp.registration.interpolation import (
     displaced_sample,
     inversion_kernel,
@@ -76,7 +76,7 @@ def sample(
     # grid_sample wants (..., D) in [-1, 1] with the last array axis first: one scaled copy. The
     # points are held in at least fp32 whatever the format (as a GPU's texture unit computes its
     # addresses): in bf16, [-1, 1] steps by 1/256 of an axis, half a voxel on a 128-voxel axis
-    grid_dtype = torch.promote_types(volume.dtype, torch.float32)
+    grid_dtype = widened_dtype(volume.dtype)
     with single_precision_accumulation():
         scales = [2.0 / (n - 1) if n > 1 else 0.0 for n in spatial[::-1]]
         scale = torch.tensor(scales, dtype=grid_dtype, device=coordinates.device)
@@ -237,7 +237,7 @@ def warp(
     # to a bf16 voxel index of 77 it would move in half-voxel steps
     with single_precision_accumulation():
         coordinates = identity_coordinates(
-            displacement.shape[1:], dtype=torch.promote_types(displacement.dtype, torch.float32),
+            displacement.shape[1:], dtype=widened_dtype(displacement.dtype),
             device=displacement.device, cached=True,
         )
         points = coordinates + widen(displacement)

@@ -29,6 +29,7 @@ Timings are in docs/benchmarks.md. The numba kernels are compiled on first use a
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -276,43 +277,53 @@ class _TrilinearSample(torch.autograd.Function):
         return None, grad_coordinates
 
 
+def _displaced_values(volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """`displaced_sample`'s values, outside autograd (contiguous tensors of one dtype)."""
+    grid = np.asarray(displacement.shape[2:], dtype=np.int64)
+    flat = displacement.reshape(3, -1)
+    out = torch.empty(volume.shape[0], flat.shape[1], dtype=volume.dtype)
+    rows = displacement.shape[1] * displacement.shape[2]
+    kernel = _native("sample_displaced", volume)
+    if kernel is not None:
+        _run_native(kernel, volume.data_ptr(), *volume.shape, displacement.data_ptr(), *displacement.shape[2:],
+                    flat.shape[1], out.data_ptr(), points=rows, samples_per_point=displacement.shape[3])
+    else:
+        run_split(_forward_displaced, volume.reshape(volume.shape[0], -1).numpy(), flat.numpy(),
+                  *_geometry(volume), grid, out.numpy(), points=rows, samples_per_point=displacement.shape[3])
+    return out.reshape(volume.shape[0], *displacement.shape[1:])
+
+
+def _displaced_gradient(volume: torch.Tensor, displacement: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The gradient of <grad_out, displaced values> with respect to the displacement (contiguous
+    tensors of one dtype)."""
+    grid = np.asarray(displacement.shape[2:], dtype=np.int64)
+    gradient = torch.empty_like(displacement)
+    rows = displacement.shape[1] * displacement.shape[2]
+    kernel = _native("sample_displaced_backward", volume)
+    if kernel is not None:
+        _run_native(kernel, volume.data_ptr(), *volume.shape, displacement.data_ptr(), *displacement.shape[2:],
+                    displacement[0].numel(), grad_out.data_ptr(), gradient.data_ptr(), points=rows,
+                    samples_per_point=displacement.shape[3])
+    else:
+        run_split(_backward_displaced, volume.reshape(volume.shape[0], -1).numpy(),
+                  displacement.reshape(3, -1).numpy(), *_geometry(volume), grid,
+                  grad_out.reshape(volume.shape[0], -1).numpy(), gradient.reshape(3, -1).numpy(), points=rows,
+                  samples_per_point=displacement.shape[3])
+    return gradient
+
+
 class _DisplacedSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, volume: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
         volume = volume.detach().contiguous()
         displacement = displacement.detach().contiguous()
-        grid = np.asarray(displacement.shape[2:], dtype=np.int64)
-        flat = displacement.reshape(3, -1)
-        out = torch.empty(volume.shape[0], flat.shape[1], dtype=volume.dtype)
-        rows = displacement.shape[1] * displacement.shape[2]
-        kernel = _native("sample_displaced", volume)
-        if kernel is not None:
-            _run_native(kernel, volume.data_ptr(), *volume.shape, displacement.data_ptr(), *displacement.shape[2:],
-                      flat.shape[1], out.data_ptr(), points=rows, samples_per_point=displacement.shape[3])
-        else:
-            run_split(_forward_displaced, volume.reshape(volume.shape[0], -1).numpy(), flat.numpy(),
-                      *_geometry(volume), grid, out.numpy(), points=rows, samples_per_point=displacement.shape[3])
         ctx.save_for_backward(volume, displacement)
-        return out.reshape(volume.shape[0], *displacement.shape[1:])
+        return _displaced_values(volume, displacement)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor]:
         volume, displacement = ctx.saved_tensors
-        grid = np.asarray(displacement.shape[2:], dtype=np.int64)
-        gradient = torch.empty_like(displacement)
-        grad_out = grad_out.detach().contiguous()
-        rows = displacement.shape[1] * displacement.shape[2]
-        kernel = _native("sample_displaced_backward", volume)
-        if kernel is not None:
-            _run_native(kernel, volume.data_ptr(), *volume.shape, displacement.data_ptr(), *displacement.shape[2:],
-                      displacement[0].numel(), grad_out.data_ptr(), gradient.data_ptr(), points=rows,
-                      samples_per_point=displacement.shape[3])
-        else:
-            run_split(_backward_displaced, volume.reshape(volume.shape[0], -1).numpy(),
-                      displacement.reshape(3, -1).numpy(), *_geometry(volume), grid,
-                      grad_out.reshape(volume.shape[0], -1).numpy(), gradient.reshape(3, -1).numpy(), points=rows,
-                      samples_per_point=displacement.shape[3])
-        return None, gradient
+        return None, _displaced_gradient(volume, displacement, grad_out.detach().contiguous())
 
 
 def _check(volume: torch.Tensor, points: torch.Tensor, name: str, points_dims: int) -> None:
@@ -335,6 +346,22 @@ def displaced_sample(volume: torch.Tensor, displacement: torch.Tensor) -> torch.
     """
     _check(volume, displacement, "displaced_sample", 4)
     return _DisplacedSample.apply(volume, displacement)
+
+
+def displaced_sample_with_gradient(
+    volume: torch.Tensor, displacement: torch.Tensor
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """`displaced_sample`'s values, and a function that takes the gradient with respect to them to
+    the gradient with respect to `displacement`: the same two kernel calls, without autograd (for
+    a caller that writes its whole chain rule out, like SyN's compiled evaluation)."""
+    _check(volume, displacement, "displaced_sample", 4)
+    volume = volume.detach().contiguous()
+    displacement = displacement.detach().contiguous()
+
+    def gradient(grad_out: torch.Tensor) -> torch.Tensor:
+        return _displaced_gradient(volume, displacement, grad_out.detach().contiguous())
+
+    return _displaced_values(volume, displacement), gradient
 
 
 def trilinear_sample(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:

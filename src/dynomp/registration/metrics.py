@@ -248,6 +248,35 @@ def _correlation_kernels_for(fixed: torch.Tensor, moving: torch.Tensor) -> tuple
     return correlation_kernels().get(fixed.dtype)
 
 
+def _compiled_correlation(kernels: tuple[Any, Any, Any], fixed: torch.Tensor, moving: torch.Tensor,
+                          radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local CC's value (a 0-d tensor) and the seven maps its gradient box-sums, by the fused C
+    passes (contiguous 3-D images of one dtype)."""
+    products, weights, _ = kernels
+    shape, count = tuple(fixed.shape), fixed.numel()
+    maps = torch.empty(5, *shape, dtype=fixed.dtype)
+    products(fixed.data_ptr(), moving.data_ptr(), maps.data_ptr(), count)
+    sums = box_sum(maps, radius=radius, dimensions=3)
+    del maps
+    gradient_maps = torch.empty(7, *shape, dtype=fixed.dtype)
+    total = weights(sums.data_ptr(), *shape, radius, gradient_maps.data_ptr())
+    return torch.tensor(total, dtype=fixed.dtype) / count, gradient_maps
+
+
+def _compiled_correlation_gradients(
+    kernels: tuple[Any, Any, Any], fixed: torch.Tensor, moving: torch.Tensor, gradient_maps: torch.Tensor,
+    radius: int, grad: float, *, fixed_wanted: bool = True, moving_wanted: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`grad` times local CC's gradients with respect to each image (None where not wanted)."""
+    sums = box_sum(gradient_maps, radius=radius, dimensions=3)
+    grad_fixed = torch.empty_like(fixed) if fixed_wanted else None
+    grad_moving = torch.empty_like(moving) if moving_wanted else None
+    kernels[2](fixed.data_ptr(), moving.data_ptr(), sums.data_ptr(), fixed.numel(), grad,
+               None if grad_fixed is None else grad_fixed.data_ptr(),
+               None if grad_moving is None else grad_moving.data_ptr())
+    return grad_fixed, grad_moving
+
+
 class _LocalCrossCorrelation(torch.autograd.Function):
     """mean_w c_w, c_w = A_w^2 / (B_w C_w + eps_w), clamped to 1, and its gradient in closed form.
 
@@ -266,17 +295,10 @@ class _LocalCrossCorrelation(torch.autograd.Function):
         kernels = _correlation_kernels_for(fixed, moving)
         ctx.kernels = kernels
         if kernels is not None:
-            products, weights, _ = kernels
             fixed, moving = fixed.detach().contiguous(), moving.detach().contiguous()
-            shape, count = tuple(fixed.shape), fixed.numel()
-            maps = torch.empty(5, *shape, dtype=fixed.dtype)
-            products(fixed.data_ptr(), moving.data_ptr(), maps.data_ptr(), count)
-            sums = box_sum(maps, radius=radius, dimensions=3)
-            del maps
-            gradient_maps = torch.empty(7, *shape, dtype=fixed.dtype)
-            total = weights(sums.data_ptr(), *shape, radius, gradient_maps.data_ptr())
+            value, gradient_maps = _compiled_correlation(kernels, fixed, moving, radius)
             ctx.save_for_backward(fixed, moving, gradient_maps)
-            return torch.tensor(total, dtype=fixed.dtype) / count
+            return value
         # the window statistics, the correlation and its mean over every voxel (the loss the
         # convergence test reads) in at least fp32, as a metric's reductions are under autocast:
         # in bf16 a window's sum of squares minus its squared sum keeps 2-3 significant bits, and
@@ -304,12 +326,10 @@ class _LocalCrossCorrelation(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         if ctx.kernels is not None:
             fixed, moving, gradient_maps = ctx.saved_tensors
-            sums = box_sum(gradient_maps, radius=ctx.radius, dimensions=3)
-            grad_fixed = torch.empty_like(fixed) if ctx.needs_input_grad[0] else None
-            grad_moving = torch.empty_like(moving) if ctx.needs_input_grad[1] else None
-            ctx.kernels[2](fixed.data_ptr(), moving.data_ptr(), sums.data_ptr(), fixed.numel(), float(grad),
-                           None if grad_fixed is None else grad_fixed.data_ptr(),
-                           None if grad_moving is None else grad_moving.data_ptr())
+            grad_fixed, grad_moving = _compiled_correlation_gradients(
+                ctx.kernels, fixed, moving, gradient_maps, ctx.radius, float(grad),
+                fixed_wanted=ctx.needs_input_grad[0], moving_wanted=ctx.needs_input_grad[1],
+            )
             return grad_fixed, grad_moving, None
         fixed, moving, mean_fixed, mean_moving, cross_weight, fixed_weight, moving_weight = ctx.saved_tensors
         # d(mean)/d(sum) with the incoming gradient, in at least fp32 (a loss scale keeps it near 1:
@@ -401,6 +421,35 @@ class SampledLoss:
         return self.function(fixed_samples, moving_samples)
 
 
+class CorrelationLoss:
+    """Minus local CC of radius `radius` (SyN's loss): differentiable when called, and with a
+    compiled value-and-gradients path (`value_and_gradients`) where the fused C passes apply."""
+
+    def __init__(self, radius: int) -> None:
+        self.radius = radius
+
+    def __call__(self, fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
+        # the sign unrounded both ways: a scaled gradient (SymmetricProblem) passes fp16's range
+        return in_single_precision(torch.neg, local_cross_correlation(fixed_values, moving_values,
+                                                                      radius=self.radius))
+
+    def value_and_gradients(
+        self, fixed: torch.Tensor, moving: torch.Tensor, *, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The loss, and `scale` times its gradients with respect to both images, from the fused C
+        passes without autograd: the same kernels, so the same values bit for bit as calling the
+        loss and taking autograd's gradient of loss x scale (a power of two). None where the passes
+        do not apply (another device, dtype or dimensionality, an emulated format, no compiler)."""
+        kernels = _correlation_kernels_for(fixed, moving)
+        if kernels is None:
+            return None
+        fixed, moving = fixed.detach().contiguous(), moving.detach().contiguous()
+        value, gradient_maps = _compiled_correlation(kernels, fixed, moving, self.radius)
+        grad_fixed, grad_moving = _compiled_correlation_gradients(
+            kernels, fixed, moving, gradient_maps, self.radius, -float(scale))
+        return -value, grad_fixed, grad_moving
+
+
 def build_loss(
     name: str,
     *,
@@ -427,12 +476,7 @@ def build_loss(
 
         return SampledLoss(mi_loss, index, MattesParameters(bins, fixed_range, moving_range))
     if name == "cc":
-        def cc_loss(fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
-            # the sign unrounded both ways: a scaled gradient (SymmetricProblem) passes fp16's range
-            return in_single_precision(torch.neg, local_cross_correlation(fixed_values, moving_values,
-                                                                          radius=radius))
-
-        return cc_loss
+        return CorrelationLoss(radius)
     if name == "mse":
         return mean_squared_error
     raise ValueError(f"metric: unknown metric {name!r} (known: mi, cc, mse)")

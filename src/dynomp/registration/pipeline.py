@@ -68,6 +68,7 @@ from dynomp.registration.transforms import (
     sample,
     to_physical,
     warp,
+    warp_with_gradient,
 )
 
 INVERSION_ITERATIONS = 30
@@ -340,8 +341,10 @@ class SymmetricProblem:
     def __init__(self, *, fixed: torch.Tensor, moving: torch.Tensor, fixed_field: torch.Tensor,
                  moving_field: torch.Tensor, loss: Loss, stage: StageConfig,
                  setting: PrecisionSetting) -> None:
-        self.fixed = setting.cast(fixed)
-        self.moving = setting.cast(moving)
+        # contiguous once here: the finest level's images are views of the loaded arrays (NIfTI
+        # data is column-major), which every warp would otherwise copy
+        self.fixed = setting.cast(fixed).contiguous()
+        self.moving = setting.cast(moving).contiguous()
         self.fixed_field = setting.cast(fixed_field)
         self.moving_field = setting.cast(moving_field)
         self.loss = loss
@@ -353,7 +356,15 @@ class SymmetricProblem:
         self.loss_scale = 2.0 ** round(math.log2(max(1, fixed.numel())))
 
     def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The loss at the middle and its gradients with respect to both fields."""
+        """The loss at the middle and its gradients with respect to both fields.
+
+        With local CC on CPU float32/float64 volumes, the warps, CC and the chain rule back to the
+        fields are compiled calls made in turn (`_compiled_evaluate`); elsewhere autograd takes the
+        gradient of the same quantity through torch operations.
+        """
+        compiled = self._compiled_evaluate()
+        if compiled is not None:
+            return compiled
         fixed_field = self.fixed_field.detach().requires_grad_(True)
         moving_field = self.moving_field.detach().requires_grad_(True)
         loss = self.loss(warp(self.fixed, fixed_field), warp(self.moving, moving_field))
@@ -362,6 +373,26 @@ class SymmetricProblem:
         scaled = in_single_precision(lambda value: value * self.loss_scale, loss)
         fixed_gradient, moving_gradient = torch.autograd.grad(scaled, [fixed_field, moving_field])
         return loss.detach(), [fixed_gradient, moving_gradient]
+
+    def _compiled_evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """`evaluate` as compiled calls made in turn, without autograd: both warps, CC's value and
+        image gradients (of loss x loss scale), and each warp's backward; the same values bit for bit.
+        At the coarse levels autograd's bookkeeping was most of an iteration. None where a kernel
+        does not apply (the loss is not local CC, another device or format, no compiler)."""
+        direct = getattr(self.loss, "value_and_gradients", None)
+        if direct is None:
+            return None
+        fixed_warp = warp_with_gradient(self.fixed, self.fixed_field)
+        moving_warp = warp_with_gradient(self.moving, self.moving_field)
+        if fixed_warp is None or moving_warp is None:
+            return None
+        (warped_fixed, fixed_backward), (warped_moving, moving_backward) = fixed_warp, moving_warp
+        found = direct(warped_fixed, warped_moving, scale=self.loss_scale)
+        if found is None:
+            return None
+        loss, grad_fixed, grad_moving = found
+        del fixed_warp, moving_warp, warped_fixed, warped_moving
+        return loss, [fixed_backward(grad_fixed), moving_backward(grad_moving)]
 
     def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         direction = smooth(gradient, self.stage.update_sigma, dimensions=self.dimensions)
@@ -386,8 +417,8 @@ class SymmetricProblem:
 
     def cast(self, setting: PrecisionSetting) -> None:
         """Images and fields to the new format (SyN's step keeps no optimizer moments)."""
-        self.fixed = setting.cast(self.fixed)
-        self.moving = setting.cast(self.moving)
+        self.fixed = setting.cast(self.fixed).contiguous()
+        self.moving = setting.cast(self.moving).contiguous()
         self.fixed_field = setting.cast(self.fixed_field)
         self.moving_field = setting.cast(self.moving_field)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from dynomp.precision.dispatch import single_precision_accumulation, widen, widened_dtype
 from dynomp.registration.interpolation import (
     displaced_sample,
+    displaced_sample_with_gradient,
     inversion_kernel,
     inversion_step,
     trilinear_sample,
@@ -242,6 +243,27 @@ def warp(
         )
         points = coordinates + widen(displacement)
     return sample(volume, points, mode=mode, padding=padding)
+
+
+def warp_with_gradient(
+    volume: torch.Tensor, displacement: torch.Tensor
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """`warp(volume, displacement)` by the compiled sampler, and a function taking a gradient with
+    respect to the warped values to the gradient with respect to `displacement`, without autograd.
+
+    None where `warp` would not run the compiled kernel (see `_compiled_kernel_applies`), or where
+    the two tensors' dtypes differ.
+    """
+    if not (displacement.dim() == 4 and displacement.shape[0] == 3 and displacement.dtype == volume.dtype
+            and _compiled_kernel_applies(volume, displacement, mode="bilinear", padding="border")):
+        return None
+    spatial = volume.shape[-3:]
+    values, backward = displaced_sample_with_gradient(volume.reshape(-1, *spatial), displacement)
+
+    def gradient(grad_values: torch.Tensor) -> torch.Tensor:
+        return backward(grad_values.reshape(values.shape))
+
+    return values.reshape(*volume.shape[:-3], *displacement.shape[1:]), gradient
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:

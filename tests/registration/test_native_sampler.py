@@ -257,17 +257,47 @@ def test_compiled_inversion_gives_the_torch_iterations_numbers(monkeypatch, gene
     field = smooth_field(generator, shape, dtype, amplitude=amplitude)
     initial = -0.9 * field
     kept = initial.clone()
-    ours = invert(field, iterations=30, damping=0.5, initial=initial)
+    ours = invert(field, iterations=30, damping=0.5, initial=initial, method="damped")
     assert torch.equal(initial, kept), "the compiled path steps its own copy of `initial`"
     monkeypatch.setattr(interpolation, "_native_kernels", {})  # no C kernels: torch operations (and numba)
     assert interpolation.inversion_kernel(field, field) is None
-    reference = invert(field, iterations=30, damping=0.5, initial=initial)
+    reference = invert(field, iterations=30, damping=0.5, initial=initial, method="damped")
     tolerance = 1e-12 if dtype == torch.float64 else 2e-5
     assert ours.dtype == dtype and ours.shape == field.shape
     assert float((ours - reference).abs().max()) <= tolerance * amplitude
     # and it is an inverse: u(x + v(x)) + v(x) is small inside the grid
     residual = (warp(field.to(torch.float64), ours.to(torch.float64)) + ours.to(torch.float64))
     assert float(residual[:, 2:-2, 2:-2, 2:-2].abs().max()) < 1e-3
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(9, 11, 7), (40, 41, 39)])
+def test_newton_inversion_converges_in_a_few_steps_compiled_and_in_torch(monkeypatch, generator, dtype, shape):
+    from dynomp.registration.transforms import invert, warp
+
+    # |du/dx| up to about 0.5: the damped iteration's error shrinks by at most 0.75 a step there
+    amplitude = 0.16 * min(shape)
+    field = smooth_field(generator, shape, dtype, amplitude=amplitude)
+
+    def residual(inverse):
+        wide = inverse.to(torch.float64)
+        return float((warp(field.to(torch.float64), wide) + wide).abs().max())
+
+    floor = 1e-9 if dtype == torch.float64 else 1e-4  # float32 coordinates near 40 step by 4e-6
+    compiled = invert(field, iterations=6)
+    assert compiled.dtype == dtype and residual(compiled) < floor
+    assert residual(invert(field, iterations=6, method="damped")) > 100 * floor
+    # one Newton step is the compiled pass with `newton`
+    out = torch.empty_like(field)
+    change = interpolation.inversion_step(field, (-field).contiguous(), out, 0.5, newton=True)
+    assert change == pytest.approx(float((warp(field, -field) - field).abs().max()), rel=1e-5)
+    assert torch.equal(out, invert(field, iterations=1))
+    # the torch operations (J from the interpolant's partials too) take the same steps, to rounding
+    monkeypatch.setattr(interpolation, "_native_kernels", {})
+    reference = invert(field, iterations=6)
+    assert residual(reference) < floor
+    assert float((reference - compiled).abs().max()) < floor
 
 
 @needs_compiler

@@ -191,8 +191,8 @@ _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of t
     "sample_displaced_backward": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _SIZE],
     # Mattes MI under a linear map (parzen.LinearInformation): no split, it returns the MI
     "linear_mattes": [_POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER],
-    # one damped step of transforms.invert: no split, it returns the step's largest magnitude
-    "inversion_step": [_POINTER, *[_SIZE] * 3, _POINTER, _REAL, _POINTER],
+    # one step of transforms.invert (Newton or damped): no split, it returns the largest residual
+    "inversion_step": [_POINTER, *[_SIZE] * 3, _POINTER, _REAL, _POINTER, ctypes.c_int],
 }
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
 _RESULTS = {"linear_mattes": _REALS, "inversion_step": _REALS}
@@ -374,10 +374,12 @@ def trilinear_sample(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.T
 
 
 def inversion_step(displacement: torch.Tensor, inverse: torch.Tensor, out: torch.Tensor,
-                   damping: float) -> float:
-    """One damped fixed-point step of `transforms.invert` in one compiled pass: `out` = v + damping s
-    with s = -u(x + v(x)) - v(x) (u = `displacement`, v = `inverse`, both (3, D, H, W) on u's
-    grid); returns max |s| (NaN where any s is NaN). `out` must not overlap `inverse`.
+                   damping: float, *, newton: bool = False) -> float:
+    """One step of `transforms.invert` in one compiled pass, from v = `inverse` to `out`, for
+    u = `displacement` (both (3, D, H, W) on u's grid), with r = v(x) + u(x + v(x)): the damped
+    fixed-point step `out` = v - damping r, or with `newton` the Newton step `out` = v + s,
+    (I + Du(x + v)) s = -r, where that Jacobian's determinant is above 0.1 (the damped step
+    elsewhere). Returns max |r| (NaN where any r is NaN). `out` must not overlap `inverse`.
 
     CPU float32/float64, contiguous tensors of one dtype and shape, with the C sampler compiled
     (`inversion_kernel`); the caller runs the torch operations elsewhere.
@@ -388,7 +390,7 @@ def inversion_step(displacement: torch.Tensor, inverse: torch.Tensor, out: torch
                          f"dtype and shape and a C compiler, got {tuple(displacement.shape)} "
                          f"{displacement.dtype} and {tuple(inverse.shape)} {inverse.dtype}")
     return float(kernel(displacement.data_ptr(), *displacement.shape[1:], inverse.data_ptr(), damping,
-                        out.data_ptr()))
+                        out.data_ptr(), int(newton)))
 
 
 def inversion_kernel(*fields: torch.Tensor) -> Any:

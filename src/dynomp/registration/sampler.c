@@ -252,11 +252,16 @@ void sample_displaced_backward_##SUFFIX(const T *volume, int64_t channels, int64
                                            grid_w, n, grad_out, grad_displacement, FROM, TO))      \
 }
 
-/* Inverting a displacement field (transforms.invert): one damped fixed-point step in one pass. For
- * each voxel x of v's grid (u's grid too), s = -u(x + v(x)) - v(x), with u border-clamped and
- * trilinear as in sample_displaced, and out(x) = v(x) + damping * s (out and v distinct: the
- * caller keeps v where the step is not taken, and swaps the two otherwise). The largest |s| is
- * kept in INVERSION_LANES independent lanes, so that the loop vectorises; a NaN is flagged. */
+/* Inverting a displacement field (transforms.invert): one step in one pass. For each voxel x of
+ * v's grid (u's grid too), r = v(x) + u(x + v(x)), with u border-clamped and trilinear as in
+ * sample_displaced. The damped fixed-point step is out(x) = v(x) - damping * r. The Newton step
+ * solves (I + J) s = -r, J = Du at x + v(x) (the trilinear interpolant's own partials, zero along
+ * a clamped axis: the Jacobian of the map y -> y + u(y) is I + J), and takes out(x) = v(x) + s where
+ * det(I + J) > INVERSION_NEWTON_DETERMINANT, the damped step elsewhere (a map that folds or
+ * squeezes a voxel below that volume has no usable local inverse). out and v are distinct: the
+ * caller keeps v where the step is not taken, and swaps the two otherwise. The largest |r| is kept
+ * in INVERSION_LANES independent lanes, so that the loop vectorises; a NaN is flagged. */
+#define INVERSION_NEWTON_DETERMINANT 0.1
 #define INVERSION_LANES 16
 #define DEFINE_INVERSION(T, SUFFIX, ABS)                                                           \
 static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w,        \
@@ -300,15 +305,80 @@ static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h,
     return largest;                                                                                \
 }                                                                                                  \
                                                                                                    \
+static SPAN T newton_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w,           \
+                                   const T *restrict v, T damping, T *restrict out,                \
+                                   int64_t start, int64_t stop, int *nan) {                        \
+    const geometry_##SUFFIX g = geometry_of_##SUFFIX(d, h, w);                                     \
+    const int64_t n = d * h * w;                                                                   \
+    const T *restrict u0 = u, *restrict u1 = u + n, *restrict u2 = u + 2 * n;                      \
+    const T *restrict vz = v, *restrict vy = v + n, *restrict vx = v + 2 * n;                      \
+    T *restrict oz = out, *restrict oy = out + n, *restrict ox = out + 2 * n;                      \
+    T lanes[INVERSION_LANES];                                                                      \
+    int invalid = 0;                                                                               \
+    for (int l = 0; l < INVERSION_LANES; l++) lanes[l] = (T)0;                                     \
+    for (int64_t row = start; row < stop; row++) {                                                 \
+        const T i = (T)(row / h), j = (T)(row % h);                                                \
+        const int64_t first = row * w;                                                             \
+        for (int64_t k0 = 0; k0 < w; k0 += INVERSION_LANES) {                                      \
+            const int64_t count = w - k0 < INVERSION_LANES ? w - k0 : INVERSION_LANES;             \
+            for (int64_t l = 0; l < count; l++) {                                                  \
+                const int64_t q = first + k0 + l;                                                  \
+                const T a = vz[q], b = vy[q], c = vx[q];                                           \
+                const T z = i + a, y = j + b, x = (T)(k0 + l) + c;                                 \
+                T fz, fy, fx;                                                                      \
+                int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                             \
+                const T rz = value_##SUFFIX(u0, &g, p, fz, fy, fx) + a;                            \
+                const T ry = value_##SUFFIX(u1, &g, p, fz, fy, fx) + b;                            \
+                const T rx = value_##SUFFIX(u2, &g, p, fz, fy, fx) + c;                            \
+                /* m = I + J, row r the partials of u's component r */                             \
+                T m00 = 1, m01 = 0, m02 = 0, m10 = 0, m11 = 1, m12 = 0, m20 = 0, m21 = 0, m22 = 1;  \
+                partials_##SUFFIX(u0, &g, p, z, y, x, fz, fy, fx, (T)1, &m00, &m01, &m02);         \
+                partials_##SUFFIX(u1, &g, p, z, y, x, fz, fy, fx, (T)1, &m10, &m11, &m12);         \
+                partials_##SUFFIX(u2, &g, p, z, y, x, fz, fy, fx, (T)1, &m20, &m21, &m22);         \
+                const T c00 = m11 * m22 - m12 * m21, c01 = m12 * m20 - m10 * m22;                  \
+                const T c02 = m10 * m21 - m11 * m20;                                               \
+                const T det = m00 * c00 + m01 * c01 + m02 * c02;                                   \
+                T sz, sy, sx;                                                                      \
+                if (det > (T)INVERSION_NEWTON_DETERMINANT) {                                       \
+                    /* s = -m^-1 r, m^-1 the adjugate over the determinant */                      \
+                    const T scale = (T)-1 / det;                                                   \
+                    sz = scale * (c00 * rz + (m02 * m21 - m01 * m22) * ry + (m01 * m12 - m02 * m11) * rx); \
+                    sy = scale * (c01 * rz + (m00 * m22 - m02 * m20) * ry + (m02 * m10 - m00 * m12) * rx); \
+                    sx = scale * (c02 * rz + (m01 * m20 - m00 * m21) * ry + (m00 * m11 - m01 * m10) * rx); \
+                } else {                                                                           \
+                    sz = -damping * rz; sy = -damping * ry; sx = -damping * rx;                    \
+                }                                                                                  \
+                oz[q] = a + sz;                                                                    \
+                oy[q] = b + sy;                                                                    \
+                ox[q] = c + sx;                                                                    \
+                const T mz = ABS(rz), my = ABS(ry), mx = ABS(rx);                                  \
+                T m = mz > my ? mz : my;                                                           \
+                m = mx > m ? mx : m;                                                               \
+                invalid |= (rz != rz) | (ry != ry) | (rx != rx);                                   \
+                lanes[l] = m > lanes[l] ? m : lanes[l];                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    T largest = (T)0;                                                                              \
+    for (int l = 0; l < INVERSION_LANES; l++) largest = lanes[l] > largest ? lanes[l] : largest;   \
+    if (invalid) *nan = 1;                                                                         \
+    return largest;                                                                                \
+}                                                                                                  \
+                                                                                                   \
 /* the step over the whole field, split over OpenMP's threads where it is large (SPLIT, one result */\
-/* slot per thread as linear_mattes keeps them): the largest |s|, NaN where any s is NaN */        \
+/* slot per thread as linear_mattes keeps them): the largest |r|, NaN where any r is NaN; `newton` */\
+/* chooses the Newton step, else the damped one */                                                \
 T inversion_step_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *v, T damping,      \
-                          T *out) {                                                                \
+                          T *out, int newton) {                                                    \
     const int64_t start = 0, stop = d * h;                                                         \
     const int slots = MATTES_SLOTS < MATTES_SLOTS_MAX ? MATTES_SLOTS : MATTES_SLOTS_MAX;           \
     T moves[MATTES_SLOTS_MAX] = {0};  /* not `parts`: SPLIT names its team size so */              \
     int flags[MATTES_SLOTS_MAX] = {0};                                                             \
-    {                                                                                              \
+    if (newton) {                                                                                  \
+        SPLIT((stop - start) * w,                                                                  \
+              moves[MATTES_SLOT] = newton_span_##SUFFIX(u, d, h, w, v, damping, out, FROM, TO,     \
+                                                        flags + MATTES_SLOT))                      \
+    } else {                                                                                       \
         SPLIT((stop - start) * w,                                                                  \
               moves[MATTES_SLOT] = inversion_span_##SUFFIX(u, d, h, w, v, damping, out, FROM, TO,  \
                                                            flags + MATTES_SLOT))                   \

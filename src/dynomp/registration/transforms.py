@@ -271,6 +271,12 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return inner + warp(outer, inner)
 
 
+INVERSION_METHODS = ("newton", "damped")
+# Newton steps are taken where det(I + Du) at x + v(x) is above this (sampler.c's
+# INVERSION_NEWTON_DETERMINANT): elsewhere the map folds or squeezes a voxel to a tenth of its volume
+NEWTON_DETERMINANT = 0.1
+
+
 def invert(
     displacement: torch.Tensor,
     *,
@@ -278,25 +284,38 @@ def invert(
     initial: torch.Tensor | None = None,
     tolerance: float = 0.0,
     damping: float = 0.5,
+    method: str = "newton",
 ) -> torch.Tensor:
-    """The inverse field v with u(x + v(x)) = -v(x), by a damped fixed-point iteration.
+    """The inverse field v with u(x + v(x)) = -v(x): v(x) + u(x + v(x)) = 0 at every voxel x.
 
-    Each iteration moves v a fraction `damping` of the way to -u(x + v(x)). The plain iteration
-    (damping 1) converges only where u's Jacobian has its eigenvalues in (-1, 1), that is where the
-    map x + u(x) neither folds nor stretches by 2x or more; with damping a it converges where they
-    lie in (-1, 2/a - 1): for 0.5, wherever the map keeps its orientation and stretches by less than
-    4x. On the benchmark pair the plain iteration left SyN's inverse fields oscillating by up to
-    6.8 voxels at 8 % of the voxels (docs/benchmarks.md); damped, every voxel converged to 5e-4.
-    `initial` (a previous inverse) speeds it up. It stops early once no voxel's estimate is more
-    than `tolerance` voxels from -u(x + v(x)) (0: run every iteration).
+    With r = v(x) + u(x + v(x)), the residual:
+
+    - `method="newton"` (the default): each iteration solves (I + J) s = -r, J the Jacobian of u at
+      x + v(x) (I + J is the Jacobian of the map y -> y + u(y) there), and moves v by s: a few
+      iterations reach 1e-4 voxels where the damped iteration ends near 5e-4 after 30 (on the
+      benchmark pair, docs/benchmarks.md). Where det(I + J) is below `NEWTON_DETERMINANT` (the map
+      folds, or squeezes a voxel to a tenth of its volume) that voxel takes the damped step.
+    - `method="damped"`: each iteration moves v a fraction `damping` of the way to -u(x + v(x)).
+      The plain iteration (damping 1) converges only where u's Jacobian has its eigenvalues in
+      (-1, 1), that is where the map x + u(x) neither folds nor stretches by 2x or more; with damping
+      a it converges where they lie in (-1, 2/a - 1): for 0.5, wherever the map keeps its
+      orientation and stretches by less than 4x, but slowly where it squeezes (the error shrinks
+      by (1 - a (1 + lambda)) a step, 0.75 where an eigenvalue lambda is -0.5).
+
+    `initial` (a previous inverse) speeds it up. It stops early once no voxel's |r| is above
+    `tolerance` voxels (0: run every iteration).
 
     On the CPU in float32/float64 (3-D, no emulated format active) each iteration is one compiled
-    pass (`interpolation.inversion_step`) into a second buffer, the two swapped when the step is
-    taken; elsewhere torch operations run (warp, then the step's arithmetic): the same numbers to
-    rounding.
+    pass (`interpolation.inversion_step`, J the trilinear interpolant's own partials) into a second
+    buffer, the two swapped when the step is taken; elsewhere torch operations run (warp, then the
+    step's arithmetic; J from forward differences of u, `_interpolant_partials`): the same numbers
+    to rounding.
     """
+    if method not in INVERSION_METHODS:
+        raise ValueError(f"method: unknown inversion method {method!r} (known: {', '.join(INVERSION_METHODS)})")
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"damping: {damping} is outside (0, 1]")
+    newton = method == "newton"
     inverse = -displacement if initial is None else initial
     field = displacement.contiguous()
     if (iterations > 0 and _get_current_dispatch_mode() is None and inversion_kernel(field) is not None
@@ -305,18 +324,66 @@ def invert(
         inverse = inverse.to(field.dtype).contiguous().clone()
         spare = torch.empty_like(inverse)
         for _ in range(iterations):
-            change = inversion_step(field, inverse, spare, damping)
+            change = inversion_step(field, inverse, spare, damping, newton=newton)
             if tolerance > 0 and change <= tolerance:
                 break
             inverse, spare = spare, inverse
         return inverse
     for _ in range(iterations):
-        step = -warp(displacement, inverse) - inverse
-        change = float(step.abs().max()) if tolerance > 0 else math.inf
+        residual = warp(displacement, inverse) + inverse
+        change = float(residual.abs().max()) if tolerance > 0 else math.inf
         if change <= tolerance:
             break
-        inverse = inverse + damping * step
+        if newton:
+            inverse = inverse + _newton_step(residual, _interpolant_partials(displacement, inverse), damping)
+        else:
+            inverse = inverse - damping * residual
     return inverse
+
+
+def _interpolant_partials(displacement: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The partials of u's trilinear interpolant at x + v(x), as the compiled step takes them:
+    (9, D, H, W), channel 3 r + c the derivative of component r along axis c.
+
+    Along axis c the interpolant is linear within a cell, so its derivative is the forward
+    difference u(i + 1) - u(i) at the cell's lower corner i, interpolated along the other two axes:
+    the difference field sampled at the point with its axis-c coordinate moved down to i. Zero
+    along an axis where the point lies outside the grid (border padding holds u constant there)."""
+    shape = tuple(displacement.shape[1:])
+    with single_precision_accumulation():
+        points = identity_coordinates(shape, dtype=widened_dtype(inverse.dtype), device=inverse.device,
+                                      cached=True) + widen(inverse)
+    columns = []
+    for axis, length in enumerate(shape):
+        if length == 1:
+            columns.append(torch.zeros_like(displacement))
+            continue
+        difference = displacement.diff(dim=axis + 1)
+        # n - 1 differences; a last copy keeps the grid's shape (a cell's corner is at most n - 2)
+        difference = torch.cat([difference, difference.narrow(axis + 1, length - 2, 1)], dim=axis + 1)
+        coordinate = points[axis]
+        at = points.clone()
+        at[axis] = coordinate.clamp(0, length - 1).floor().clamp(max=length - 2)
+        inside = (coordinate > 0) & (coordinate < length - 1)
+        columns.append(sample(difference, at) * inside.to(displacement.dtype))
+    return torch.stack(columns, dim=1).reshape(9, *shape)
+
+
+def _newton_step(residual: torch.Tensor, partials: torch.Tensor, damping: float) -> torch.Tensor:
+    """s with (I + J) s = -r at each voxel, J from `partials` (9, ...); -damping r where
+    det(I + J) is not above NEWTON_DETERMINANT (or not a number)."""
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = partials.unbind(0)
+    m00, m11, m22 = m00 + 1, m11 + 1, m22 + 1
+    c00, c01, c02 = m11 * m22 - m12 * m21, m12 * m20 - m10 * m22, m10 * m21 - m11 * m20
+    determinant = m00 * c00 + m01 * c01 + m02 * c02
+    rz, ry, rx = residual.unbind(0)
+    scale = -1.0 / determinant
+    step = torch.stack([
+        scale * (c00 * rz + (m02 * m21 - m01 * m22) * ry + (m01 * m12 - m02 * m11) * rx),
+        scale * (c01 * rz + (m00 * m22 - m02 * m20) * ry + (m02 * m10 - m00 * m12) * rx),
+        scale * (c02 * rz + (m01 * m20 - m00 * m21) * ry + (m00 * m11 - m01 * m10) * rx),
+    ])
+    return torch.where(determinant > NEWTON_DETERMINANT, step, -damping * residual)
 
 
 def resize_field(displacement: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

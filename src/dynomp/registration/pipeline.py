@@ -14,7 +14,7 @@ Read as a method section:
    a middle space to the fixed image and to the affinely aligned moving image; each iteration
    computes the metric's gradient at the middle, smooths it by `update_sigma` voxels, scales it so
    that no voxel moves more than `learning_rate` voxels, composes it into each field, and smooths
-   the total field by `total_sigma`. At the end, both fields are inverted by fixed-point iteration;
+   the total field by `total_sigma`. At the end, both fields are inverted by Newton's iteration;
    the forward transform is u_m after the inverse of u_f, the inverse transform u_f after the
    inverse of u_m. A stage whose loss turns NaN is dropped: the outputs use the stages before it.
 

@@ -265,49 +265,8 @@ void sample_displaced_backward_##SUFFIX(const T *volume, int64_t channels, int64
 #define INVERSION_LANES 16
 #define DEFINE_INVERSION(T, SUFFIX, ABS)                                                           \
 static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w,        \
-                                      const T *restrict v, T damping, T *restrict out,             \
+                                      const T *restrict v, T damping, int newton, T *restrict out, \
                                       int64_t start, int64_t stop, int *nan) {                     \
-    const geometry_##SUFFIX g = geometry_of_##SUFFIX(d, h, w);                                     \
-    const int64_t n = d * h * w;                                                                   \
-    const T *restrict u0 = u, *restrict u1 = u + n, *restrict u2 = u + 2 * n;                      \
-    const T *restrict vz = v, *restrict vy = v + n, *restrict vx = v + 2 * n;                      \
-    T *restrict oz = out, *restrict oy = out + n, *restrict ox = out + 2 * n;                      \
-    T lanes[INVERSION_LANES];                                                                      \
-    int invalid = 0;                                                                               \
-    for (int l = 0; l < INVERSION_LANES; l++) lanes[l] = (T)0;                                     \
-    for (int64_t row = start; row < stop; row++) {                                                 \
-        const T i = (T)(row / h), j = (T)(row % h);                                                \
-        const int64_t first = row * w;                                                             \
-        for (int64_t k0 = 0; k0 < w; k0 += INVERSION_LANES) {                                      \
-            const int64_t count = w - k0 < INVERSION_LANES ? w - k0 : INVERSION_LANES;             \
-            for (int64_t l = 0; l < count; l++) {                                                  \
-                const int64_t q = first + k0 + l;                                                  \
-                const T a = vz[q], b = vy[q], c = vx[q];                                           \
-                T fz, fy, fx;                                                                      \
-                int32_t p = cell_##SUFFIX(&g, i + a, j + b, (T)(k0 + l) + c, &fz, &fy, &fx);       \
-                const T sz = -value_##SUFFIX(u0, &g, p, fz, fy, fx) - a;                           \
-                const T sy = -value_##SUFFIX(u1, &g, p, fz, fy, fx) - b;                           \
-                const T sx = -value_##SUFFIX(u2, &g, p, fz, fy, fx) - c;                           \
-                oz[q] = a + damping * sz;                                                          \
-                oy[q] = b + damping * sy;                                                          \
-                ox[q] = c + damping * sx;                                                          \
-                const T mz = ABS(sz), my = ABS(sy), mx = ABS(sx);                                  \
-                T m = mz > my ? mz : my;                                                           \
-                m = mx > m ? mx : m;                                                               \
-                invalid |= (sz != sz) | (sy != sy) | (sx != sx);                                   \
-                lanes[l] = m > lanes[l] ? m : lanes[l];                                            \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-    T largest = (T)0;                                                                              \
-    for (int l = 0; l < INVERSION_LANES; l++) largest = lanes[l] > largest ? lanes[l] : largest;   \
-    if (invalid) *nan = 1;                                                                         \
-    return largest;                                                                                \
-}                                                                                                  \
-                                                                                                   \
-static SPAN T newton_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w,           \
-                                   const T *restrict v, T damping, T *restrict out,                \
-                                   int64_t start, int64_t stop, int *nan) {                        \
     const geometry_##SUFFIX g = geometry_of_##SUFFIX(d, h, w);                                     \
     const int64_t n = d * h * w;                                                                   \
     const T *restrict u0 = u, *restrict u1 = u + n, *restrict u2 = u + 2 * n;                      \
@@ -330,23 +289,23 @@ static SPAN T newton_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, in
                 const T rz = value_##SUFFIX(u0, &g, p, fz, fy, fx) + a;                            \
                 const T ry = value_##SUFFIX(u1, &g, p, fz, fy, fx) + b;                            \
                 const T rx = value_##SUFFIX(u2, &g, p, fz, fy, fx) + c;                            \
-                /* m = I + J, row r the partials of u's component r */                             \
-                T m00 = 1, m01 = 0, m02 = 0, m10 = 0, m11 = 1, m12 = 0, m20 = 0, m21 = 0, m22 = 1;  \
-                partials_##SUFFIX(u0, &g, p, z, y, x, fz, fy, fx, (T)1, &m00, &m01, &m02);         \
-                partials_##SUFFIX(u1, &g, p, z, y, x, fz, fy, fx, (T)1, &m10, &m11, &m12);         \
-                partials_##SUFFIX(u2, &g, p, z, y, x, fz, fy, fx, (T)1, &m20, &m21, &m22);         \
-                const T c00 = m11 * m22 - m12 * m21, c01 = m12 * m20 - m10 * m22;                  \
-                const T c02 = m10 * m21 - m11 * m20;                                               \
-                const T det = m00 * c00 + m01 * c01 + m02 * c02;                                   \
-                T sz, sy, sx;                                                                      \
-                if (det > (T)INVERSION_NEWTON_DETERMINANT) {                                       \
-                    /* s = -m^-1 r, m^-1 the adjugate over the determinant */                      \
-                    const T scale = (T)-1 / det;                                                   \
-                    sz = scale * (c00 * rz + (m02 * m21 - m01 * m22) * ry + (m01 * m12 - m02 * m11) * rx); \
-                    sy = scale * (c01 * rz + (m00 * m22 - m02 * m20) * ry + (m02 * m10 - m00 * m12) * rx); \
-                    sx = scale * (c02 * rz + (m01 * m20 - m00 * m21) * ry + (m00 * m11 - m01 * m10) * rx); \
-                } else {                                                                           \
-                    sz = -damping * rz; sy = -damping * ry; sx = -damping * rx;                    \
+                T sz = -damping * rz, sy = -damping * ry, sx = -damping * rx;                      \
+                if (newton) {                                                                      \
+                    /* m = I + J, row r the partials of u's component r */                         \
+                    T m00 = 1, m01 = 0, m02 = 0, m10 = 0, m11 = 1, m12 = 0, m20 = 0, m21 = 0, m22 = 1; \
+                    partials_##SUFFIX(u0, &g, p, z, y, x, fz, fy, fx, (T)1, &m00, &m01, &m02);     \
+                    partials_##SUFFIX(u1, &g, p, z, y, x, fz, fy, fx, (T)1, &m10, &m11, &m12);     \
+                    partials_##SUFFIX(u2, &g, p, z, y, x, fz, fy, fx, (T)1, &m20, &m21, &m22);     \
+                    const T c00 = m11 * m22 - m12 * m21, c01 = m12 * m20 - m10 * m22;              \
+                    const T c02 = m10 * m21 - m11 * m20;                                           \
+                    const T det = m00 * c00 + m01 * c01 + m02 * c02;                               \
+                    if (det > (T)INVERSION_NEWTON_DETERMINANT) {                                   \
+                        /* s = -m^-1 r, m^-1 the adjugate over the determinant */                  \
+                        const T scale = (T)-1 / det;                                               \
+                        sz = scale * (c00 * rz + (m02 * m21 - m01 * m22) * ry + (m01 * m12 - m02 * m11) * rx); \
+                        sy = scale * (c01 * rz + (m00 * m22 - m02 * m20) * ry + (m02 * m10 - m00 * m12) * rx); \
+                        sx = scale * (c02 * rz + (m01 * m20 - m00 * m21) * ry + (m00 * m11 - m01 * m10) * rx); \
+                    }                                                                              \
                 }                                                                                  \
                 oz[q] = a + sz;                                                                    \
                 oy[q] = b + sy;                                                                    \
@@ -374,14 +333,10 @@ T inversion_step_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *
     const int slots = MATTES_SLOTS < MATTES_SLOTS_MAX ? MATTES_SLOTS : MATTES_SLOTS_MAX;           \
     T moves[MATTES_SLOTS_MAX] = {0};  /* not `parts`: SPLIT names its team size so */              \
     int flags[MATTES_SLOTS_MAX] = {0};                                                             \
-    if (newton) {                                                                                  \
+    {                                                                                              \
         SPLIT((stop - start) * w,                                                                  \
-              moves[MATTES_SLOT] = newton_span_##SUFFIX(u, d, h, w, v, damping, out, FROM, TO,     \
-                                                        flags + MATTES_SLOT))                      \
-    } else {                                                                                       \
-        SPLIT((stop - start) * w,                                                                  \
-              moves[MATTES_SLOT] = inversion_span_##SUFFIX(u, d, h, w, v, damping, out, FROM, TO,  \
-                                                           flags + MATTES_SLOT))                   \
+              moves[MATTES_SLOT] = inversion_span_##SUFFIX(u, d, h, w, v, damping, newton, out,    \
+                                                           FROM, TO, flags + MATTES_SLOT))         \
     }                                                                                              \
     T largest = (T)0;                                                                              \
     int nan = 0;                                                                                   \

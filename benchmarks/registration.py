@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/registration.py [--threads 2] [--preset paper] [--seed 0] [--repeats 1]
         [--device cpu|cuda] [--arms ants-fp64 ants-fp32 dipy fp64 fp32 dynomp] [--out results/benchmarks/registration.json]
+        [--execution native|virtual] [--reference-losses]
 
 The pair is built from the MNI152 2009a template that nilearn ships (T1, GM and WM maps at 1 mm):
 resampled to 3 mm, labelled CSF/GM/WM x left/right (six labels, split at the midline x = 0), and
@@ -263,6 +264,7 @@ def run_engine_arm(arm: str, *, folder: Path, config: Any, device: str = "cpu") 
         "peak_bytes_above_baseline": peak - baseline, "baseline_bytes": baseline,
         "device": device, "peak_gpu_bytes": peak_gpu,
         "dice": dice_mean, "dice_by_label": dice_by_label, "final_losses": result.final_losses,
+        "reference_losses": result.reference_losses,
         "iterations": iterations, "seconds_by_format": result.seconds_by_format,
         "seconds_by_level": seconds_by_level,
     }
@@ -367,11 +369,12 @@ def run_dipy_arm(*, folder: Path, config: Any) -> dict[str, Any]:
     }
 
 
-def benchmark_config(preset: str, threads: int, execution: str = "native") -> Any:
+def benchmark_config(preset: str, threads: int, execution: str = "native", reference_losses: bool = False) -> Any:
     """The registration config every arm runs (ANTs and the engine alike).
 
     `execution`: how dynomp runs a format the device lacks ("native": the nearest native one;
     "virtual": emulated, every operation rounded to it, as a GPU would compute bf16 and fp16).
+    `reference_losses`: the engine re-evaluates each level's final state in float64.
     """
     import dataclasses
 
@@ -379,15 +382,15 @@ def benchmark_config(preset: str, threads: int, execution: str = "native") -> An
 
     base = paper_config() if preset == "paper" else quick_config()
     precision = dataclasses.replace(base.precision, execution=execution)
-    return dataclasses.replace(base, threads=threads, precision=precision)
+    return dataclasses.replace(base, threads=threads, precision=precision, reference_losses=reference_losses)
 
 
 def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path, device: str = "cpu",
-            execution: str = "native") -> None:
+            execution: str = "native", reference_losses: bool = False) -> None:
     """Child-process entry: run one arm and write its measurements as JSON."""
     from dynomp.atomic import write_json_atomic
 
-    config = benchmark_config(preset, threads, execution)
+    config = benchmark_config(preset, threads, execution, reference_losses)
     if arm in ENGINE_ARMS:
         result = run_engine_arm(arm, folder=folder, config=config, device=device)
     elif arm in ("ants-fp64", "ants-fp32"):
@@ -481,6 +484,24 @@ def markdown_tables(results: dict[str, dict[str, Any]], *, device: str = "cpu") 
             values = [results[a]["final_losses"].get(key, math.nan) for a in loss_arms]
             difference = loss_differences.get(key, math.nan)
             lines.append(f"| {key} | " + " | ".join(f"{v:.6g}" for v in values) + f" | {difference:.2e} |")
+    referenced = [arm for arm, row in results.items() if row.get("reference_losses")]
+    if keys and referenced:
+        compare = {"dynomp", "fp64"} <= set(referenced)
+        reference_differences = (relative_loss_differences(results["dynomp"]["reference_losses"],
+                                                           results["fp64"]["reference_losses"])
+                                 if compare else {})
+        lines += ["", "| stage/level | " + " | ".join(f"{a} final state, float64 loss" for a in referenced)
+                  + (" | dynomp vs fp64 rel. diff |" if compare else " |"),
+                  "|---|" + "---:|" * (len(referenced) + compare)]
+        for key in keys:
+            values = [results[a]["reference_losses"].get(key, math.nan) for a in referenced]
+            line = f"| {key} | " + " | ".join(f"{v:.6g}" for v in values) + " |"
+            if compare:
+                line += f" {reference_differences.get(key, math.nan):.2e} |"
+            lines.append(line)
+        if compare and reference_differences:
+            checks["max relative float64-loss difference of the final states, dynomp vs fp64"] = (
+                max(reference_differences.values()), "")
     timed = [arm for arm, row in results.items() if row.get("seconds_by_level")]
     if keys and timed:
         lines += ["", "| stage/level | " + " | ".join(f"{a} iteration s" for a in timed)
@@ -528,6 +549,9 @@ def main() -> None:
                         help="dynomp's formats the device lacks: the nearest native one, or emulated "
                              "(virtual: what a GPU computes in bf16/fp16; the fixed bf16/fp16 arms "
                              "are emulated on a CPU either way)")
+    parser.add_argument("--reference-losses", action="store_true",
+                        help="the engine arms re-evaluate each level's final state in float64 (an extra "
+                             "table; its float64 copies count in the arms' time and peak memory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each engine arm, interleaved; the median is reported (ANTs and DIPY run once)")
@@ -538,7 +562,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.run_arm:
         run_arm(args.run_arm, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out,
-                device=args.device, execution=args.execution)
+                device=args.device, execution=args.execution, reference_losses=args.reference_losses)
         return
     for arm in args.arms:
         if arm not in PEER_ARMS + ENGINE_ARMS:
@@ -568,7 +592,7 @@ def main() -> None:
             completed = subprocess.run(
                 [sys.executable, __file__, "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
                  "--preset", args.preset, "--threads", str(args.threads), "--device", args.device,
-                 "--execution", args.execution],
+                 "--execution", args.execution, *(["--reference-losses"] if args.reference_losses else [])],
                 env=environment, capture_output=True, text=True, check=False,
             )
             if completed.returncode != 0:

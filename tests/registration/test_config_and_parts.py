@@ -35,6 +35,17 @@ def test_unknown_keys_are_named(tmp_path):
         load_config(path)
 
 
+def test_reference_losses_is_a_boolean_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    assert load_config(None).reference_losses is False
+    path.write_text("preset: quick\nreference_losses: true\n")
+    assert load_config(path).reference_losses is True
+    assert load_config(path).to_dict()["reference_losses"] is True
+    path.write_text("reference_losses: yes please\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: reference_losses: expected true or false, got 'yes please'"):
+        load_config(path)
+
+
 def test_unknown_arm_is_named():
     with pytest.raises(ValueError, match="--arm: unknown arm 'fp12'"):
         check_arm("fp12")

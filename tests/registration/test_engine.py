@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 import textwrap
@@ -245,6 +246,66 @@ def test_syn_compiled_evaluation_equals_autograd_bit_for_bit(fixed_pair, dtype):
     # an emulated format rounds every torch op: the compiled passes step aside there
     with VirtualPrecision("bf16"):
         assert compiled._compiled_evaluate() is None
+
+
+def test_reference_losses_evaluate_a_16_bit_state_in_float64(fixed_pair):
+    from dynomp.precision.dispatch import VirtualPrecision
+    from dynomp.registration.config import PrecisionConfig
+    from dynomp.registration.metrics import build_loss
+    from dynomp.registration.pipeline import LinearProblem, SymmetricProblem, _Pyramid
+    from dynomp.registration.precision import PrecisionSetting
+
+    image, _ = fixed_pair
+    fixed = torch.from_numpy(image).double()
+    moving = torch.from_numpy(np.roll(image, 2, axis=0)).double()
+    affine = torch.diag(torch.tensor([SPACING, SPACING, SPACING, 1.0], dtype=torch.float64))
+    bf16 = PrecisionSetting("bf16", device="cpu", config=PrecisionConfig(execution="virtual"))
+    fp64 = PrecisionSetting("fp64", device="cpu", config=PrecisionConfig())
+    # rigid: the bf16 problem's parameters, evaluated by an fp64 problem on the fp64 level
+    stage = quick_config().stages[0]
+    images = _Pyramid(fixed, affine, moving, affine).level(stage, 1)
+    loss = build_loss("mi", fixed=images.fixed.data, moving=images.moving.data, sampling_fraction=0.5)
+
+    def linear(setting, parameters):
+        return LinearProblem(kind="rigid", images=images, parameters=parameters,
+                             center=torch.zeros(3, dtype=torch.float64), loss=loss, learning_rate=0.25,
+                             setting=setting, relaxation=0.5)
+
+    problem = linear(bf16, torch.tensor([0.01, -0.02, 0.03, 1.1, -0.7, 0.4], dtype=torch.float64))
+    for _ in range(3):
+        with bf16.context():
+            seen, gradients = problem.evaluate()
+            problem.step(gradients)
+    reference = problem.reference_loss(images)
+    expected, _ = linear(fp64, problem.parameters.to(torch.float64)).evaluate()
+    assert reference == pytest.approx(float(expected), rel=1e-9) and reference < -0.1
+    # SyN: the bf16 problem's fields on the float64 images, against an fp64 problem's evaluation
+    stage = quick_config().stages[2]
+    field_ = 0.5 * smooth(torch.randn(3, *fixed.shape, dtype=torch.float64,
+                                      generator=torch.Generator().manual_seed(2)), 2.0, dimensions=3)
+    cc = build_loss("cc", fixed=fixed, moving=moving, radius=stage.cc_radius)
+    rounded = SymmetricProblem(fixed=fixed, moving=moving, fixed_field=field_, moving_field=-field_,
+                               loss=cc, stage=stage, setting=bf16)
+    with bf16.context(), VirtualPrecision("bf16"):
+        seen = float(rounded.evaluate()[0])
+    reference = rounded.reference_loss(fixed, moving)
+    exact = SymmetricProblem(fixed=fixed, moving=moving, fixed_field=rounded.fixed_field.double(),
+                             moving_field=rounded.moving_field.double(), loss=cc, stage=stage, setting=fp64)
+    assert reference == pytest.approx(float(exact.evaluate()[0]), rel=1e-12)
+    # the bf16 images and warps shift the loss the level saw; the reference reads past that
+    assert abs(seen - reference) > 1e-5 * abs(reference)
+
+
+def test_reference_losses_come_with_the_config_key(affine_pair, affine_result):
+    image, _, moving, _ = affine_pair
+    config = dataclasses.replace(linear_config(), reference_losses=True)
+    result = register_pair(fixed=volume(image), moving=volume(moving), config=config, precision="fp32")
+    assert affine_result.reference_losses == {}
+    assert set(result.reference_losses) == set(result.final_losses) == set(affine_result.final_losses)
+    for key, reference in result.reference_losses.items():
+        # float64 MI of the fp32 arm's final state: near the loss fp64 ended with, one step apart
+        assert math.isfinite(reference) and reference < 0
+        assert reference == pytest.approx(affine_result.final_losses[key], rel=5e-3)
 
 
 @pytest.mark.parametrize("arm", ["dynomp", "bf16"])

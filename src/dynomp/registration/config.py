@@ -132,6 +132,9 @@ class RegistrationConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     seed: int = 1
     threads: int | None = None
+    # re-evaluate each level's final state (after its last step) in float64, with float64 images:
+    # the quality of where a level ended, apart from the rounding of the loss it saw
+    reference_losses: bool = False
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -185,11 +188,19 @@ def _tuple_fields(stage: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
+def _boolean(value: Any, name: str) -> bool:
+    """`value` if it is a bool (YAML's true/false), else a ValueError naming the key."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    return value
+
+
 def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RegistrationConfig:
     """A RegistrationConfig from plain data: a preset plus overrides; unknown keys are errors."""
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    known_top = {"preset", "stages", "initialize_center_of_mass", "precision", "seed", "threads"}
+    known_top = {"preset", "stages", "initialize_center_of_mass", "precision", "seed", "threads",
+                 "reference_losses"}
     for key in data:
         if key not in known_top:
             raise ValueError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(known_top))})")
@@ -245,6 +256,8 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Registr
             precision=precision,
             seed=int(data.get("seed", base.seed)),
             threads=data.get("threads", base.threads),
+            reference_losses=_boolean(data.get("reference_losses", base.reference_losses),
+                                      f"{source}: reference_losses"),
         )
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None

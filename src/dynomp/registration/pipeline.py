@@ -118,6 +118,8 @@ class RegistrationResult:
     seconds: float
     diverged_at: dict[str, Any] | None = None
     seconds_by_format: dict[str, float] = field(default_factory=dict)
+    # with RegistrationConfig.reference_losses: each level's final state, its loss in float64
+    reference_losses: dict[str, float] = field(default_factory=dict)
 
     def warp_moving(self, moving: np.ndarray, *, labels: bool = False) -> np.ndarray:
         """A moving-grid volume resampled onto the fixed grid (nearest neighbour for labels)."""
@@ -310,6 +312,25 @@ class LinearProblem:
         return (torch.tensor(-information, dtype=working.dtype, device=device),
                 [torch.from_numpy(result).to(device)])
 
+    def reference_loss(self, images: _Images) -> float:
+        """The loss of the current parameters in float64, on the level's float64 images (`images`,
+        as the pyramid built them): what the level's result is worth, unrounded."""
+        wide = torch.float64
+        with torch.no_grad():
+            points = identity_coordinates(self.shape, dtype=wide, device=self.parameters.device)
+            fixed_values = images.fixed.data.to(wide)
+            if self.sample_index is not None:
+                points = points.reshape(self.dimensions, -1)[:, self.sample_index]
+                fixed_values = fixed_values.reshape(-1)[self.sample_index]
+            coordinates = map_points(
+                self.matrix(self.parameters.detach().to(wide)), fixed_affine=self.fixed_affine,
+                moving_affine=self.moving_affine, points=points, moving_inverse=self.moving_inverse,
+            )
+            moving_values = sample(images.moving.data.to(wide), coordinates)
+            if self.sample_index is not None:
+                return float(self.loss.on_samples(fixed_values, moving_values))
+            return float(self.loss(fixed_values, moving_values))
+
     def step(self, gradients: list[torch.Tensor]) -> None:
         """One scaled gradient-descent step (of the master copies, unrounded, for dynomp)."""
         if self.master:
@@ -410,6 +431,14 @@ class SymmetricProblem:
             total = smooth(total, self.stage.total_sigma, dimensions=self.dimensions)
         return total
 
+    def reference_loss(self, fixed: torch.Tensor, moving: torch.Tensor) -> float:
+        """The loss of the current fields in float64, on float64 images (the level's fixed image
+        and the affinely aligned moving image, before they were cast to the problem's format)."""
+        wide = torch.float64
+        with torch.no_grad():
+            return float(self.loss(warp(fixed.to(wide), self.fixed_field.to(wide)),
+                                   warp(moving.to(wide), self.moving_field.to(wide))))
+
     def step(self, gradients: list[torch.Tensor]) -> None:
         """Compose a smoothed, normalised gradient step into each field."""
         self.fixed_field = self._update(self.fixed_field, gradients[0])
@@ -495,6 +524,7 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
         transform[:dimensions, dimensions] = center_of_mass(moving_data, moving_affine).cpu() - center
     trace: list[dict[str, Any]] = []
     final_losses: dict[str, float] = {}
+    reference_losses: dict[str, float] | None = {} if config.reference_losses else None
     syn_fields: list[torch.Tensor] = []
     diverged_at = None
     pyramid = _Pyramid(fixed_data, fixed_affine, moving_data, moving_affine)
@@ -504,11 +534,12 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
                 transform = _linear_stage(
                     stage, transform=transform, center=center, pyramid=pyramid, setting=setting,
                     trace=trace, final_losses=final_losses, seed=config.seed, device=device,
+                    reference_losses=reference_losses,
                 )
             else:
                 syn_fields[:] = _symmetric_stage(
                     stage, transform=transform, pyramid=pyramid, setting=setting,
-                    trace=trace, final_losses=final_losses,
+                    trace=trace, final_losses=final_losses, reference_losses=reference_losses,
                 )
     except RegistrationDiverged as error:
         diverged_at = {"stage": error.stage, "level": error.level, "iteration": error.iteration}
@@ -543,6 +574,7 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
         seconds=time.perf_counter() - started,
         diverged_at=diverged_at,
         seconds_by_format=seconds_by_format(trace),
+        reference_losses=reference_losses or {},
     )
 
 
@@ -598,8 +630,10 @@ def _start_level(setting: PrecisionSetting, stage: StageConfig, *, fixed: torch.
 def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.Tensor,
                   pyramid: _Pyramid, setting: PrecisionSetting,
                   trace: list[dict[str, Any]], final_losses: dict[str, float], seed: int,
-                  device: torch.device) -> torch.Tensor:
-    """Run a rigid or affine stage over its pyramid; return the new physical transform."""
+                  device: torch.device, reference_losses: dict[str, float] | None = None) -> torch.Tensor:
+    """Run a rigid or affine stage over its pyramid; return the new physical transform.
+
+    `reference_losses`: where given, each level's final state's float64 loss is added to it."""
     dimensions = pyramid.fixed.dim()
     parameters = _initial_parameters(stage.name, transform, center, dimensions)
     for level in range(stage.levels):
@@ -620,6 +654,8 @@ def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.
             monitor=ConvergenceMonitor(stage.convergence_window, stage.convergence_threshold),
             setting=setting, stage=stage.name, level=level, trace=trace,
         )
+        if reference_losses is not None:
+            reference_losses[f"{stage.name}/{level}"] = problem.reference_loss(images)
         parameters = problem.parameters.detach().to(torch.float64).cpu()
     with torch.no_grad():
         return linear_transform(stage.name, parameters, center=center, dimensions=dimensions)
@@ -627,8 +663,12 @@ def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.
 
 def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, pyramid: _Pyramid,
                      setting: PrecisionSetting, trace: list[dict[str, Any]],
-                     final_losses: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run SyN over its pyramid; return the fields u_f and u_m at the last level's grid, in the last format."""
+                     final_losses: dict[str, float],
+                     reference_losses: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run SyN over its pyramid; return the fields u_f and u_m at the last level's grid, in the last format.
+
+    `reference_losses`: where given, each level's final state's float64 loss is added to it (the
+    level's float64 images are then kept beside the problem's copies)."""
     dimensions = pyramid.fixed.dim()
     device = pyramid.fixed.device
     # the fields stay in the arm's format between levels (no float64 copies held beside them)
@@ -658,6 +698,7 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, pyramid: _P
             fixed=images.fixed.data, moving=aligned, fixed_field=fixed_field,
             moving_field=moving_field, loss=loss, stage=stage, setting=setting,
         )
+        reference_images = (images.fixed.data, aligned) if reference_losses is not None else None
         # the problem holds its own copies in the current format
         del images, aligned, fixed_field, moving_field
         final_losses[f"syn/{level}"] = optimize_level(
@@ -665,6 +706,9 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, pyramid: _P
             monitor=ConvergenceMonitor(stage.convergence_window, stage.convergence_threshold),
             setting=setting, stage=stage.name, level=level, trace=trace,
         )
+        if reference_images is not None:
+            reference_losses[f"syn/{level}"] = problem.reference_loss(*reference_images)
+            reference_images = None
         fixed_field, moving_field = problem.fixed_field.detach(), problem.moving_field.detach()
         del problem
     return fixed_field, moving_field

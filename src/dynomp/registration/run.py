@@ -165,6 +165,8 @@ def register_files(
         "jacobian_nonpositive_percent": folding_percent(determinant),
         "sd_log_jacobian": sd_log_jacobian(determinant),
         "final_losses": outcome.final_losses,
+        # the engine's, with reference_losses: true in the config (empty otherwise, and for ANTs)
+        "reference_losses": getattr(outcome, "reference_losses", {}),
         **meter.as_dict(),
         "seconds_by_format": seconds_by_format,
         "warp_dtype": warp_dtype,

@@ -301,6 +301,46 @@ def test_newton_inversion_converges_in_a_few_steps_compiled_and_in_torch(monkeyp
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(9, 11, 7), (40, 41, 39)])
+def test_syn_step_fused_equals_its_torch_operations_bit_for_bit(monkeypatch, generator, dtype, shape):
+    from dynomp.registration.config import PrecisionConfig, quick_config
+    from dynomp.registration.metrics import build_loss
+    from dynomp.registration.pipeline import SymmetricProblem
+    from dynomp.registration.precision import PrecisionSetting
+    from dynomp.registration.transforms import compose
+
+    field = smooth_field(generator, shape, dtype, amplitude=0.1 * min(shape))
+    direction = smooth_field(generator, shape, dtype, amplitude=1.0)
+    squares = float((direction * direction).sum(0).max())
+    assert interpolation.update_norm(direction) == squares > 0
+    scale = float(torch.tensor(-0.25, dtype=dtype) / torch.tensor(squares, dtype=dtype).sqrt())
+    assert torch.equal(interpolation.compose_scaled(field, direction, scale), compose(field, direction * scale))
+    broken = direction.clone()
+    broken[2, 3, 4, 5] = math.nan
+    assert math.isnan(interpolation.update_norm(broken))
+    with pytest.raises(ValueError, match=r"compose_scaled: needs contiguous CPU float32/float64"):
+        interpolation.compose_scaled(field, direction.to(torch.float64 if dtype == torch.float32 else torch.float32), 1.0)
+    # SyN's whole step, fused and as torch operations
+    image = smooth_field(generator, shape, torch.float64, amplitude=1.0)[0]
+    stage = quick_config().stages[2]
+    setting = PrecisionSetting("fp64" if dtype == torch.float64 else "fp32", device="cpu", config=PrecisionConfig())
+    loss = build_loss("cc", fixed=image, moving=image.roll(1, 0), radius=stage.cc_radius)
+
+    def stepped():
+        problem = SymmetricProblem(fixed=image, moving=image.roll(1, 0), fixed_field=field, moving_field=-field,
+                                   loss=loss, stage=stage, setting=setting)
+        problem.step(problem.evaluate()[1])
+        return problem.state()
+
+    fused = stepped()
+    monkeypatch.setattr("dynomp.registration.pipeline.update_kernels", lambda *fields: False)
+    plain = stepped()
+    assert all(f.dtype == dtype and torch.equal(f, p) for f, p in zip(fused, plain, strict=True))
+    assert float((fused[0] - field).abs().max()) > 0
+
+
+@needs_compiler
 def test_compiled_inversion_step_returns_the_largest_move_and_flags_nan(generator):
     field = smooth_field(generator, (10, 12, 9), torch.float64, amplitude=1.5)
     inverse, out = (-field).contiguous(), torch.empty_like(field)

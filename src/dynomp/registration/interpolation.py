@@ -193,9 +193,12 @@ _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of t
     "linear_mattes": [_POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER],
     # one step of transforms.invert (Newton or damped): no split, it returns the largest residual
     "inversion_step": [_POINTER, *[_SIZE] * 3, _POINTER, _REAL, _POINTER, ctypes.c_int],
+    # SyN's step, fused (`update_norm`, `compose_scaled`): no split
+    "update_norm": [_POINTER, _SIZE],
+    "compose_scaled": [_POINTER, *[_SIZE] * 3, _POINTER, _REAL, _POINTER],
 }
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
-_RESULTS = {"linear_mattes": _REALS, "inversion_step": _REALS}
+_RESULTS = {"linear_mattes": _REALS, "inversion_step": _REALS, "update_norm": _REALS}
 _native_kernels: dict[tuple[str, torch.dtype], Any] | None = None
 _native_threads = False  # True where the C kernels split their loops over OpenMP threads themselves
 # flat voxel indices in the C kernels are 32-bit
@@ -402,6 +405,35 @@ def inversion_kernel(*fields: torch.Tensor) -> Any:
                and f.is_contiguous() for f in fields):
         return None
     return native_kernels().get(("inversion_step", first.dtype))
+
+
+def update_kernels(*fields: torch.Tensor) -> bool:
+    """True where `update_norm` and `compose_scaled` run for these (3, D, H, W) fields: contiguous
+    CPU float32/float64 tensors of one shape and dtype, the C sampler compiled."""
+    return inversion_kernel(*fields) is not None and ("update_norm", fields[0].dtype) in native_kernels()
+
+
+def update_norm(direction: torch.Tensor) -> float:
+    """The largest dz^2 + dy^2 + dx^2 over the voxels of a (3, D, H, W) field, computed in its dtype
+    (NaN where any voxel's is NaN): `(direction * direction).sum(0).max()` in one pass, no temporaries."""
+    if not update_kernels(direction):
+        raise ValueError(f"update_norm: needs a contiguous CPU float32/float64 (3, D, H, W) field and a C "
+                         f"compiler, got {tuple(direction.shape)} {direction.dtype}")
+    kernel = native_kernels()["update_norm", direction.dtype]
+    return float(kernel(direction.data_ptr(), direction[0].numel()))
+
+
+def compose_scaled(field: torch.Tensor, direction: torch.Tensor, scale: float) -> torch.Tensor:
+    """s d(x) + u(x + s d(x)) with u = `field`, d = `direction`, s = `scale` (exact in their dtype):
+    `transforms.compose(u, s * d)` in one pass, the same values bit for bit."""
+    if not update_kernels(field, direction):
+        raise ValueError(f"compose_scaled: needs contiguous CPU float32/float64 (3, D, H, W) fields of one "
+                         f"dtype and shape and a C compiler, got {tuple(field.shape)} {field.dtype} and "
+                         f"{tuple(direction.shape)} {direction.dtype}")
+    out = torch.empty_like(field)
+    native_kernels()["compose_scaled", field.dtype](field.data_ptr(), *field.shape[1:], direction.data_ptr(),
+                                                    scale, out.data_ptr())
+    return out
 
 
 def load_kernels() -> None:

@@ -347,6 +347,81 @@ T inversion_step_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *
     return nan ? (T)NAN : largest;                                                                 \
 }
 
+/* SyN's step (pipeline.SymmetricProblem._update), fused. update_norm: the largest dz^2 + dy^2 +
+ * dx^2 over the n voxels of a (3, n) direction (kept in INVERSION_LANES lanes; NaN where any is
+ * NaN). compose_scaled: out(x) = s d(x) + u(x + s d(x)) on u's grid, with u border-clamped and
+ * trilinear as in sample_displaced: transforms.compose(u, s d), the same operations in the same
+ * order, with neither s d nor the warped field held in between (out distinct from u and d). */
+#define DEFINE_UPDATE(T, SUFFIX)                                                                   \
+static SPAN T update_norm_span_##SUFFIX(const T *restrict direction, int64_t n, int64_t start,     \
+                                        int64_t stop, int *nan) {                                  \
+    const T *restrict dz = direction, *restrict dy = direction + n, *restrict dx = direction + 2 * n; \
+    T lanes[INVERSION_LANES];                                                                      \
+    int invalid = 0;                                                                               \
+    for (int l = 0; l < INVERSION_LANES; l++) lanes[l] = (T)0;                                     \
+    for (int64_t q0 = start; q0 < stop; q0 += INVERSION_LANES) {                                   \
+        const int64_t count = stop - q0 < INVERSION_LANES ? stop - q0 : INVERSION_LANES;           \
+        for (int64_t l = 0; l < count; l++) {                                                      \
+            const int64_t q = q0 + l;                                                              \
+            const T squares = dz[q] * dz[q] + dy[q] * dy[q] + dx[q] * dx[q];                       \
+            invalid |= squares != squares;                                                         \
+            lanes[l] = squares > lanes[l] ? squares : lanes[l];                                    \
+        }                                                                                          \
+    }                                                                                              \
+    T largest = (T)0;                                                                              \
+    for (int l = 0; l < INVERSION_LANES; l++) largest = lanes[l] > largest ? lanes[l] : largest;   \
+    if (invalid) *nan = 1;                                                                         \
+    return largest;                                                                                \
+}                                                                                                  \
+                                                                                                   \
+T update_norm_##SUFFIX(const T *direction, int64_t n) {                                            \
+    const int64_t start = 0, stop = n;                                                             \
+    const int slots = MATTES_SLOTS < MATTES_SLOTS_MAX ? MATTES_SLOTS : MATTES_SLOTS_MAX;           \
+    T maxima[MATTES_SLOTS_MAX] = {0};  /* not `parts`: SPLIT names its team size so */             \
+    int flags[MATTES_SLOTS_MAX] = {0};                                                             \
+    {                                                                                              \
+        SPLIT(stop - start, maxima[MATTES_SLOT] = update_norm_span_##SUFFIX(direction, n, FROM, TO, \
+                                                                           flags + MATTES_SLOT))   \
+    }                                                                                              \
+    T largest = (T)0;                                                                              \
+    int nan = 0;                                                                                   \
+    for (int t = 0; t < slots; t++) {                                                              \
+        largest = maxima[t] > largest ? maxima[t] : largest;                                       \
+        nan |= flags[t];                                                                           \
+    }                                                                                              \
+    return nan ? (T)NAN : largest;                                                                 \
+}                                                                                                  \
+                                                                                                   \
+static SPAN void compose_scaled_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w, \
+                                              const T *restrict direction, T scale,                \
+                                              T *restrict out, int64_t start, int64_t stop) {      \
+    const geometry_##SUFFIX g = geometry_of_##SUFFIX(d, h, w);                                     \
+    const int64_t n = d * h * w;                                                                   \
+    const T *restrict u0 = u, *restrict u1 = u + n, *restrict u2 = u + 2 * n;                      \
+    const T *restrict dz = direction, *restrict dy = direction + n, *restrict dx = direction + 2 * n; \
+    T *restrict o0 = out, *restrict o1 = out + n, *restrict o2 = out + 2 * n;                      \
+    for (int64_t row = start; row < stop; row++) {                                                 \
+        const T i = (T)(row / h), j = (T)(row % h);                                                \
+        const int64_t first = row * w;                                                             \
+        for (int64_t k = 0; k < w; k++) {                                                          \
+            const int64_t q = first + k;                                                           \
+            const T sz = dz[q] * scale, sy = dy[q] * scale, sx = dx[q] * scale;                    \
+            T fz, fy, fx;                                                                          \
+            int32_t p = cell_##SUFFIX(&g, i + sz, j + sy, (T)k + sx, &fz, &fy, &fx);               \
+            o0[q] = sz + value_##SUFFIX(u0, &g, p, fz, fy, fx);                                    \
+            o1[q] = sy + value_##SUFFIX(u1, &g, p, fz, fy, fx);                                    \
+            o2[q] = sx + value_##SUFFIX(u2, &g, p, fz, fy, fx);                                    \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+void compose_scaled_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *direction,      \
+                             T scale, T *out) {                                                    \
+    const int64_t start = 0, stop = d * h;                                                         \
+    SPLIT((stop - start) * w * 3, compose_scaled_span_##SUFFIX(u, d, h, w, direction, scale, out,  \
+                                                               FROM, TO))                          \
+}
+
 /* Mattes MI under a linear map, fused: LinearProblem's whole evaluation at a rigid or affine level
  * (pipeline.py), where it was a dozen torch operations and autograd's walk back through them. Pass
  * 1 maps each fixed sample point p to C p on the moving grid, samples the moving image there (value
@@ -568,3 +643,5 @@ DEFINE_MATTES(float, f32, logf)
 DEFINE_MATTES(double, f64, log)
 DEFINE_INVERSION(float, f32, fabsf)
 DEFINE_INVERSION(double, f64, fabs)
+DEFINE_UPDATE(float, f32)
+DEFINE_UPDATE(double, f64)

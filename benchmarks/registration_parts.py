@@ -14,6 +14,8 @@ Markdown table with fp32 / fp64 per part:
   displaced sampler, the sampler at coordinates built as identity + u, and the displaced sampler's
   numba fallback (what runs where there is no C compiler);
 - a field composed with an update (SyN's step composes two), with the C sampler and with numba's;
+- SyN's whole step of both fields (each smoothed, its largest norm taken, composed): the fused C
+  passes (`update_norm`, `compose_scaled`) and the torch operations they replaced;
 - local CC (radius 4), value and both gradients: the fused C passes, the torch operations with the
   C filter's box sums, and the torch operations with BLAS matrix products (the fallback);
 - Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update), C filter and BLAS;
@@ -36,9 +38,11 @@ import torch
 
 from dynomp.precision import estimator
 from dynomp.precision.controller import PrecisionController
-from dynomp.registration import interpolation, metrics, pyramid
+from dynomp.registration import interpolation, metrics, pipeline, pyramid
+from dynomp.registration.config import paper_config
 from dynomp.registration.interpolation import load_kernels
 from dynomp.registration.metrics import (
+    build_loss,
     joint_histogram,
     local_cross_correlation,
     mutual_information,
@@ -46,6 +50,8 @@ from dynomp.registration.metrics import (
     parzen_taps,
 )
 from dynomp.registration.parzen import LinearInformation
+from dynomp.registration.pipeline import SymmetricProblem
+from dynomp.registration.precision import PrecisionSetting
 from dynomp.registration.pyramid import smooth
 from dynomp.registration.transforms import compose, identity_coordinates, sample, warp
 
@@ -141,6 +147,29 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         a, b = fixed.clone().requires_grad_(True), moving.clone().requires_grad_(True)
         torch.autograd.grad(local_cross_correlation(a, b, radius=4), [a, b])
 
+    # SyN's step of both fields (smooth, largest norm, compose): fused, and as torch operations
+    syn = next(stage for stage in paper_config().stages if stage.name == "syn")
+    setting = PrecisionSetting("fp64" if dtype == torch.float64 else "fp32", device="cpu",
+                               config=paper_config().precision)
+    problem = SymmetricProblem(fixed=fixed, moving=moving, fixed_field=field, moving_field=-field,
+                               loss=build_loss("cc", fixed=fixed, moving=moving, radius=4), stage=syn,
+                               setting=setting)
+    step_gradients = [update, -update]
+
+    def syn_step() -> None:
+        problem.fixed_field, problem.moving_field = field, -field
+        problem.step(step_gradients)
+
+    def unfused(function: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            kept = pipeline.update_kernels
+            pipeline.update_kernels = lambda *fields: False
+            try:
+                function()
+            finally:
+                pipeline.update_kernels = kept
+        return run
+
     controller = PrecisionController(["fp32", "fp64"], 5, "native", initial_format="fp64")
     state, gradients = [field, field * 0.5], [update, update * 0.5]
     controller.observe(state, gradients)
@@ -158,6 +187,8 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         "local CC r=4, value + both gradients": cc,
         "local CC r=4, value + both gradients, torch pointwise operations": torch_correlation(cc),
         "local CC r=4, value + both gradients, torch operations and BLAS box sums": torch_correlation(matrix_filters(cc)),
+        "SyN step of both fields (smooth, norm, compose), fused": syn_step,
+        "SyN step of both fields, torch operations for norm and compose": unfused(syn_step),
         "smooth a 3-component field, sigma 3": lambda: smooth(update, 3.0, dimensions=3),
         "smooth a 3-component field, sigma 3, BLAS": matrix_filters(lambda: smooth(update, 3.0, dimensions=3)),
         "controller observe (2 fields + 2 gradients)": lambda: controller.observe(state, gradients),

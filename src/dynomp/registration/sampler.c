@@ -264,6 +264,17 @@ void sample_displaced_backward_##SUFFIX(const T *volume, int64_t channels, int64
 #define INVERSION_NEWTON_DETERMINANT 0.1
 #define INVERSION_LANES 16
 #define DEFINE_INVERSION(T, SUFFIX, ABS)                                                           \
+/* the largest of the threads' results, NaN where a thread flagged one */                          \
+static inline T slots_largest_##SUFFIX(const T *values, const int *flags, int slots) {            \
+    T largest = (T)0;                                                                              \
+    int nan = 0;                                                                                   \
+    for (int t = 0; t < slots; t++) {                                                              \
+        largest = values[t] > largest ? values[t] : largest;                                       \
+        nan |= flags[t];                                                                           \
+    }                                                                                              \
+    return nan ? (T)NAN : largest;                                                                 \
+}                                                                                                  \
+                                                                                                   \
 static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w,        \
                                       const T *restrict v, T damping, int newton, T *restrict out, \
                                       int64_t start, int64_t stop, int *nan) {                     \
@@ -338,13 +349,7 @@ T inversion_step_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *
               moves[MATTES_SLOT] = inversion_span_##SUFFIX(u, d, h, w, v, damping, newton, out,    \
                                                            FROM, TO, flags + MATTES_SLOT))         \
     }                                                                                              \
-    T largest = (T)0;                                                                              \
-    int nan = 0;                                                                                   \
-    for (int t = 0; t < slots; t++) {                                                              \
-        largest = moves[t] > largest ? moves[t] : largest;                                         \
-        nan |= flags[t];                                                                           \
-    }                                                                                              \
-    return nan ? (T)NAN : largest;                                                                 \
+    return slots_largest_##SUFFIX(moves, flags, slots);                                            \
 }
 
 /* SyN's step (pipeline.SymmetricProblem._update), fused. update_norm: the largest dz^2 + dy^2 +
@@ -383,13 +388,7 @@ T update_norm_##SUFFIX(const T *direction, int64_t n) {                         
         SPLIT(stop - start, maxima[MATTES_SLOT] = update_norm_span_##SUFFIX(direction, n, FROM, TO, \
                                                                            flags + MATTES_SLOT))   \
     }                                                                                              \
-    T largest = (T)0;                                                                              \
-    int nan = 0;                                                                                   \
-    for (int t = 0; t < slots; t++) {                                                              \
-        largest = maxima[t] > largest ? maxima[t] : largest;                                       \
-        nan |= flags[t];                                                                           \
-    }                                                                                              \
-    return nan ? (T)NAN : largest;                                                                 \
+    return slots_largest_##SUFFIX(maxima, flags, slots);                                           \
 }                                                                                                  \
                                                                                                    \
 static SPAN void compose_scaled_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h, int64_t w, \

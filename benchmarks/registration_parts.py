@@ -14,6 +14,8 @@ Markdown table with fp32 / fp64 per part:
   displaced sampler, the sampler at coordinates built as identity + u, and the displaced sampler's
   numba fallback (what runs where there is no C compiler);
 - a field composed with an update (SyN's step composes two), with the C sampler and with numba's;
+- SyN's evaluation (both warps, CC's value and gradients, back to both fields): the compiled calls
+  made in turn, and the same kernels through autograd;
 - SyN's whole step of both fields (each smoothed, its largest norm taken, composed): the fused C
   passes (`update_norm`, `compose_scaled`) and the torch operations they replaced;
 - local CC (radius 4), value and both gradients: the fused C passes, the torch operations with the
@@ -156,6 +158,18 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
                                setting=setting)
     step_gradients = [update, -update]
 
+    class Uncompiled:
+        """The same loss without its compiled value-and-gradients path: autograd runs."""
+
+        def __init__(self, loss: Callable[..., torch.Tensor]) -> None:
+            self.loss = loss
+
+        def __call__(self, *images: torch.Tensor) -> torch.Tensor:
+            return self.loss(*images)
+
+    through_autograd = SymmetricProblem(fixed=fixed, moving=moving, fixed_field=field, moving_field=-field,
+                                        loss=Uncompiled(problem.loss), stage=syn, setting=setting)
+
     def syn_step() -> None:
         problem.fixed_field, problem.moving_field = field, -field
         problem.step(step_gradients)
@@ -187,6 +201,8 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         "local CC r=4, value + both gradients": cc,
         "local CC r=4, value + both gradients, torch pointwise operations": torch_correlation(cc),
         "local CC r=4, value + both gradients, torch operations and BLAS box sums": torch_correlation(matrix_filters(cc)),
+        "SyN evaluation (both warps, CC, gradients to both fields), compiled calls": problem.evaluate,
+        "SyN evaluation, through autograd": through_autograd.evaluate,
         "SyN step of both fields (smooth, norm, compose), fused": syn_step,
         "SyN step of both fields, torch operations for norm and compose": unfused(syn_step),
         "smooth a 3-component field, sigma 3": lambda: smooth(update, 3.0, dimensions=3),

@@ -206,7 +206,8 @@ def test_syn_loss_scale_leaves_an_fp64_step_unchanged_bit_for_bit(fixed_pair):
     assert all(torch.equal(a, b) for a, b in zip(scaled_step, problem.state(), strict=True))
 
 
-@pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+@pytest.mark.skipif(native.compiler() is None or not native.enabled(),
+                    reason="no C compiler on this machine, or DYNOMP_NATIVE=0")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_syn_compiled_evaluation_equals_autograd_bit_for_bit(fixed_pair, dtype):
     from dynomp.precision.dispatch import VirtualPrecision

@@ -433,6 +433,12 @@ class CorrelationLoss:
         return in_single_precision(torch.neg, local_cross_correlation(fixed_values, moving_values,
                                                                       radius=self.radius))
 
+    @staticmethod
+    def compiled_applies(fixed: torch.Tensor, moving: torch.Tensor) -> bool:
+        """True where `value_and_gradients` runs for images of these tensors' device, dtype and
+        dimensionality (asked before the images to compare are computed)."""
+        return _correlation_kernels_for(fixed, moving) is not None
+
     def value_and_gradients(
         self, fixed: torch.Tensor, moving: torch.Tensor, *, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -43,7 +43,12 @@ from dynomp.precision.dispatch import (
     widened_dtype,
 )
 from dynomp.registration.config import RegistrationConfig, StageConfig
-from dynomp.registration.interpolation import NUMPY_DTYPES, compose_scaled, update_kernels, update_norm
+from dynomp.registration.interpolation import (
+    NUMPY_DTYPES,
+    compose_scaled,
+    update_kernels,
+    update_norm,
+)
 from dynomp.registration.metrics import Loss, build_loss, largest_intermediate
 from dynomp.registration.optimizer import (
     ConvergenceMonitor,
@@ -193,11 +198,7 @@ class LinearProblem:
         self.loss = loss
         # MI reads a regular sample of the voxels: resample the moving image at those voxels only
         self.sample_index = getattr(loss, "sample_index", None)
-        points = identity_coordinates(self.shape, dtype=torch.float64, device=parameters.device)
-        fixed_values = images.fixed.data
-        if self.sample_index is not None:
-            points = points.reshape(self.dimensions, -1)[:, self.sample_index]
-            fixed_values = fixed_values.reshape(-1)[self.sample_index]
+        points, fixed_values = self._sampled(images, parameters.device)
         self.points = setting.cast(points)
         self.fixed = setting.cast(fixed_values)
         self.moving = setting.cast(images.moving.data)
@@ -226,6 +227,22 @@ class LinearProblem:
             torch.tensor(scales, dtype=torch.float64, device=parameters.device),
             max_shift=learning_rate * spacing, relaxation=relaxation,
         )
+
+    def _sampled(self, images: _Images, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 voxel points the loss reads and the fixed image's values there: every voxel,
+        or MI's regular sample."""
+        points = identity_coordinates(self.shape, dtype=torch.float64, device=device)
+        fixed_values = images.fixed.data
+        if self.sample_index is not None:
+            points = points.reshape(self.dimensions, -1)[:, self.sample_index]
+            fixed_values = fixed_values.reshape(-1)[self.sample_index]
+        return points, fixed_values
+
+    def _loss_at(self, fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
+        """The loss of the moving image's values at the sampled points."""
+        if self.sample_index is not None:
+            return self.loss.on_samples(fixed_values, moving_values)
+        return self.loss(fixed_values, moving_values)
 
     def matrix(self, parameters: torch.Tensor) -> torch.Tensor:
         """The homogeneous transform of a parameter vector."""
@@ -268,11 +285,7 @@ class LinearProblem:
                 self.matrix(parameters), fixed_affine=self.fixed_affine,
                 moving_affine=self.moving_affine, points=points, moving_inverse=self.moving_inverse,
             )
-        moving_values = sample(self.moving, coordinates)
-        if self.sample_index is not None:
-            loss = self.loss.on_samples(self.fixed, moving_values)
-        else:
-            loss = self.loss(self.fixed, moving_values)
+        loss = self._loss_at(self.fixed, sample(self.moving, coordinates))
         (gradient,) = torch.autograd.grad(loss, parameters)
         return loss.detach(), [gradient]
 
@@ -317,19 +330,12 @@ class LinearProblem:
         as the pyramid built them): what the level's result is worth, unrounded."""
         wide = torch.float64
         with torch.no_grad():
-            points = identity_coordinates(self.shape, dtype=wide, device=self.parameters.device)
-            fixed_values = images.fixed.data.to(wide)
-            if self.sample_index is not None:
-                points = points.reshape(self.dimensions, -1)[:, self.sample_index]
-                fixed_values = fixed_values.reshape(-1)[self.sample_index]
+            points, fixed_values = self._sampled(images, self.parameters.device)
             coordinates = map_points(
                 self.matrix(self.parameters.detach().to(wide)), fixed_affine=self.fixed_affine,
                 moving_affine=self.moving_affine, points=points, moving_inverse=self.moving_inverse,
             )
-            moving_values = sample(images.moving.data.to(wide), coordinates)
-            if self.sample_index is not None:
-                return float(self.loss.on_samples(fixed_values, moving_values))
-            return float(self.loss(fixed_values, moving_values))
+            return float(self._loss_at(fixed_values.to(wide), sample(images.moving.data.to(wide), coordinates)))
 
     def step(self, gradients: list[torch.Tensor]) -> None:
         """One scaled gradient-descent step (of the master copies, unrounded, for dynomp)."""
@@ -404,15 +410,15 @@ class SymmetricProblem:
         image gradients (of loss x loss scale), and each warp's backward; the same values bit for bit.
         At the coarse levels autograd's bookkeeping was most of an iteration. None where a kernel
         does not apply (the loss is not local CC, another device or format, no compiler)."""
-        direct = getattr(self.loss, "value_and_gradients", None)
-        if direct is None:
+        applies = getattr(self.loss, "compiled_applies", None)
+        if applies is None or not applies(self.fixed, self.moving):
             return None
         fixed_warp = warp_with_gradient(self.fixed, self.fixed_field)
         moving_warp = warp_with_gradient(self.moving, self.moving_field)
         if fixed_warp is None or moving_warp is None:
             return None
         (warped_fixed, fixed_backward), (warped_moving, moving_backward) = fixed_warp, moving_warp
-        found = direct(warped_fixed, warped_moving, scale=self.loss_scale)
+        found = self.loss.value_and_gradients(warped_fixed, warped_moving, scale=self.loss_scale)
         if found is None:
             return None
         loss, grad_fixed, grad_moving = found
@@ -423,8 +429,9 @@ class SymmetricProblem:
         direction = smooth(gradient, self.stage.update_sigma, dimensions=self.dimensions)
         # on the CPU the norm and the composition are one compiled pass each, with the same values
         # bit for bit: no squared, scaled or warped field is allocated in between
+        contiguous = field_.contiguous()
         fused = (_get_current_dispatch_mode() is None and direction.dtype == field_.dtype
-                 and update_kernels(field_.contiguous(), direction))
+                 and update_kernels(contiguous, direction))
         if fused:
             largest = torch.tensor(update_norm(direction), dtype=direction.dtype).sqrt()
         else:
@@ -434,7 +441,7 @@ class SymmetricProblem:
             return field_
         scale = -self.stage.learning_rate / largest
         if fused:
-            total = compose_scaled(field_.contiguous(), direction, float(scale))
+            total = compose_scaled(contiguous, direction, float(scale))
         else:
             total = compose(field_, direction * scale)
         if self.stage.total_sigma > 0:

@@ -329,43 +329,55 @@ def invert(
                 break
             inverse, spare = spare, inverse
         return inverse
+    differences = _forward_differences(displacement) if newton and iterations > 0 else None
     for _ in range(iterations):
         residual = warp(displacement, inverse) + inverse
         change = float(residual.abs().max()) if tolerance > 0 else math.inf
         if change <= tolerance:
             break
         if newton:
-            inverse = inverse + _newton_step(residual, _interpolant_partials(displacement, inverse), damping)
+            inverse = inverse + _newton_step(residual, _interpolant_partials(differences, inverse), damping)
         else:
             inverse = inverse - damping * residual
     return inverse
 
 
-def _interpolant_partials(displacement: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+def _forward_differences(displacement: torch.Tensor) -> list[torch.Tensor | None]:
+    """u(i + 1) - u(i) along each axis of a (3, D, H, W) field, with a last copy that keeps the
+    grid's shape (a cell's lower corner is at most n - 2); None along a one-voxel axis."""
+    differences = []
+    for axis, length in enumerate(displacement.shape[1:]):
+        if length == 1:
+            differences.append(None)
+            continue
+        difference = displacement.diff(dim=axis + 1)
+        differences.append(torch.cat([difference, difference.narrow(axis + 1, length - 2, 1)], dim=axis + 1))
+    return differences
+
+
+def _interpolant_partials(differences: list[torch.Tensor | None], inverse: torch.Tensor) -> torch.Tensor:
     """The partials of u's trilinear interpolant at x + v(x), as the compiled step takes them:
-    (9, D, H, W), channel 3 r + c the derivative of component r along axis c.
+    (9, D, H, W), channel 3 r + c the derivative of component r along axis c; `differences` is
+    `_forward_differences(u)`.
 
     Along axis c the interpolant is linear within a cell, so its derivative is the forward
     difference u(i + 1) - u(i) at the cell's lower corner i, interpolated along the other two axes:
     the difference field sampled at the point with its axis-c coordinate moved down to i. Zero
     along an axis where the point lies outside the grid (border padding holds u constant there)."""
-    shape = tuple(displacement.shape[1:])
+    shape = tuple(inverse.shape[1:])
     with single_precision_accumulation():
         points = identity_coordinates(shape, dtype=widened_dtype(inverse.dtype), device=inverse.device,
                                       cached=True) + widen(inverse)
     columns = []
-    for axis, length in enumerate(shape):
-        if length == 1:
-            columns.append(torch.zeros_like(displacement))
+    for axis, (length, difference) in enumerate(zip(shape, differences, strict=True)):
+        if difference is None:
+            columns.append(torch.zeros_like(inverse))
             continue
-        difference = displacement.diff(dim=axis + 1)
-        # n - 1 differences; a last copy keeps the grid's shape (a cell's corner is at most n - 2)
-        difference = torch.cat([difference, difference.narrow(axis + 1, length - 2, 1)], dim=axis + 1)
         coordinate = points[axis]
         at = points.clone()
         at[axis] = coordinate.clamp(0, length - 1).floor().clamp(max=length - 2)
         inside = (coordinate > 0) & (coordinate < length - 1)
-        columns.append(sample(difference, at) * inside.to(displacement.dtype))
+        columns.append(sample(difference, at) * inside.to(difference.dtype))
     return torch.stack(columns, dim=1).reshape(9, *shape)
 
 

@@ -186,3 +186,31 @@ def test_c_statistics_give_the_numba_kernels_numbers(monkeypatch, first, second,
         broken = a.clone()
         broken[count // 2] = bad
         assert not math.isfinite(estimator._compiled_sums(broken, b)[0])
+
+
+@pytest.mark.parametrize("first", [torch.float32, torch.float64])
+@pytest.mark.parametrize("second", [torch.float32, torch.float64])
+def test_a_few_elements_are_summed_in_python_as_the_c_kernel_sums_them(monkeypatch, first, second):
+    """Below 16 elements (a rigid or affine parameter vector) the sums are Python floats: the same
+    numbers as the C kernel's bit for bit, the same NaN rule, and `keep` copies a into b."""
+    from dynomp import native
+    from dynomp.precision import estimator
+
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    generator = torch.Generator().manual_seed(5)
+    for count in (1, 6, 12, 15):
+        a = (torch.randn(count, dtype=torch.float64, generator=generator) * 7).to(first)
+        b = (a.double() + torch.randn(count, dtype=torch.float64, generator=generator) * 1e-3).to(second)
+        python = estimator._compiled_sums(a, b)
+        monkeypatch.setattr(estimator, "_PYTHON_SUMS_BELOW", 0)
+        compiled = estimator._compiled_sums(a, b)
+        monkeypatch.undo()
+        assert python == compiled  # exact: the same additions in the same order
+        assert python[0] > 0 and python[1] > 0 and python[2] == float(a.double().abs().max())
+        kept = b.clone()
+        assert estimator._compiled_sums(a, kept, keep=True) == python
+        assert torch.equal(kept, a.to(second))
+    broken = torch.tensor([1.0, math.nan, 3.0], dtype=first)
+    squares, _, largest = estimator._compiled_sums(broken, None)
+    assert math.isnan(squares) and math.isnan(largest)

@@ -235,6 +235,13 @@ def test_a_linear_level_gives_the_same_loss_and_gradient_fused_or_not(generator,
         assert abs(float(value) - float(expected_value)) <= tolerance * abs(float(expected_value))
         assert float((gradient - expected).abs().max()) <= tolerance * float(expected.abs().max())
         assert float(expected.abs().max()) > 0
+    with pytest.raises(ValueError, match="parameters: a rigid transform takes 6 values, got 12"):
+        problem.information = pipeline.LinearInformation(
+            moving=problem.moving, points=problem.points, fixed=problem.fixed, bins=32, padding=2,
+            fixed_range=(0.0, 1.0), moving_range=(0.0, 1.0),
+            geometry=(center, problem.moving_inverse, problem.fixed_affine),
+        )
+        problem.information.loss_and_gradient(torch.zeros(12, dtype=torch.float32), "rigid")
 
 
 def smooth_field(generator, shape, dtype, amplitude):

@@ -220,6 +220,8 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = Fals
     keep = keep and b is not None
     if flat.numel() == 0:
         return 0.0, 0.0, 0.0
+    if flat.numel() < _PYTHON_SUMS_BELOW:
+        return _python_sums(flat, other, keep=keep, destination=b)
     kernel = native_statistics().get((flat.dtype, other.dtype))
     if kernel is not None:
         # one row per thread the call may use (torch's OpenMP threads), zeros where one did not run
@@ -233,6 +235,27 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = Fals
     # a NaN anywhere makes the sums NaN; the maximum, compared without NaN, says so too
     largest = math.nan if math.isnan(squares) else max(part[2] for part in parts)
     return squares, math.fsum(part[1] for part in parts), largest
+
+
+# below this many elements (statistics.c's STATISTICS_LANES) the C kernel adds every element into one
+# lane, in order: Python floats (doubles) do the same additions, without the call's set-up, which
+# was most of a rigid or affine iteration's observation
+_PYTHON_SUMS_BELOW = 16
+
+
+def _python_sums(flat: torch.Tensor, other: torch.Tensor, *, keep: bool,
+                 destination: torch.Tensor | None) -> tuple[float, float, float]:
+    """`_compiled_sums` of a few elements, in Python floats: the same values bit for bit."""
+    squares = differences = largest = 0.0
+    for value, previous in zip(flat.tolist(), other.tolist(), strict=True):
+        difference = value - previous
+        squares += value * value
+        differences += difference * difference
+        largest = max(largest, abs(value))  # a NaN is passed over, as C's comparison passes it
+    if keep and destination is not None:
+        destination.copy_(flat.reshape(destination.shape))
+    largest = math.nan if math.isnan(squares) else largest
+    return squares, differences, largest
 
 
 def _compiled_statistics(theta: Sequence[torch.Tensor], grad: Sequence[torch.Tensor],

@@ -191,6 +191,9 @@ _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of t
     "sample_displaced_backward": [_POINTER, *[_SIZE] * 4, _POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _SIZE],
     # Mattes MI under a linear map (parzen.LinearInformation): no split, it returns the MI
     "linear_mattes": [_POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER, _SIZE, _POINTER, _POINTER],
+    # the same from a rigid or affine parameter vector, with the chain rule back to it
+    "linear_parameters": [_POINTER, *[_SIZE] * 3, _POINTER, _POINTER, _SIZE, _POINTER, ctypes.c_int, _POINTER,
+                          _POINTER, _SIZE, _POINTER, _POINTER],
     # one step of transforms.invert (Newton or damped): no split, it returns the largest residual
     "inversion_step": [_POINTER, *[_SIZE] * 3, _POINTER, _REAL, _POINTER, ctypes.c_int],
     # SyN's step, fused (`update_norm`, `compose_scaled`): no split
@@ -198,7 +201,7 @@ _SIGNATURES = {  # the C kernels' arguments (sampler.c), the start and stop of t
     "compose_scaled": [_POINTER, *[_SIZE] * 3, _POINTER, _REAL, _POINTER],
 }
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
-_RESULTS = {"linear_mattes": _REALS, "inversion_step": _REALS, "update_norm": _REALS}
+_RESULTS = {"linear_mattes": _REALS, "linear_parameters": _REALS, "inversion_step": _REALS, "update_norm": _REALS}
 _native_kernels: dict[tuple[str, torch.dtype], Any] | None = None
 _native_threads = False  # True where the C kernels split their loops over OpenMP threads themselves
 # flat voxel indices in the C kernels are 32-bit

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp.registration.precision import PrecisionSetting
 
@@ -115,6 +117,9 @@ class ScaledGradientDescent:
 
     def step(self, parameters: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         """The parameters after one scaled gradient step of the current length."""
+        if (gradient.device.type == "cpu" and parameters.dtype == gradient.dtype
+                and gradient.dtype in (torch.float32, torch.float64) and _get_current_dispatch_mode() is None):
+            return self._numpy_step(parameters, gradient)
         scales = self.scales.to(device=gradient.device, dtype=gradient.dtype)
         direction = gradient / (scales * scales)
         # each parameter's move of the farthest voxel, in mm per unit step
@@ -127,6 +132,24 @@ class ScaledGradientDescent:
             self.step_length *= self.relaxation
         self.previous_shift = physical
         return parameters - (self.step_length / shift) * direction
+
+    def _numpy_step(self, parameters: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """`step` on CPU float32/float64 vectors as NumPy operations in their dtype: the same
+        arithmetic, at a microsecond an operation where each of torch's took several (a rigid level
+        has six parameters)."""
+        values = gradient.detach().numpy()
+        scales = self.scales.to(gradient.dtype).numpy()
+        direction = values / (scales * scales)
+        physical = direction * scales
+        shift = float(np.abs(physical).max())
+        if not shift > 0:
+            return parameters
+        moved = torch.from_numpy(physical.astype(np.float64))
+        if self.previous_shift is not None and float(moved @ self.previous_shift.cpu()) < 0.0:
+            self.step_length *= self.relaxation
+        self.previous_shift = moved
+        length = values.dtype.type(self.step_length / shift)
+        return torch.from_numpy(parameters.detach().numpy() - length * direction)
 
     def cast(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """The scales to the new format (the step length is a Python float, the last move float64)."""

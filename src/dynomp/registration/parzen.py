@@ -187,10 +187,16 @@ class LinearInformation:
 
     CPU float32/float64 3-D volumes with a C compiler (`applies`); the caller keeps the torch
     operations elsewhere, and under an emulated format. Holds a 4 x N scratch buffer.
+
+    Given the map's geometry (`geometry`: the rotation centre c, M^-1 and F), `loss_and_gradient`
+    goes from a rigid or affine parameter vector to -MI and its gradient in one call
+    (`sampler.c`, `linear_parameters`): the map C, the kernel and the chain rule back to the
+    parameters, all in the volume's dtype.
     """
 
     def __init__(self, *, moving: torch.Tensor, points: torch.Tensor, fixed: torch.Tensor, bins: int,
-                 padding: int, fixed_range: tuple[float, float], moving_range: tuple[float, float]) -> None:
+                 padding: int, fixed_range: tuple[float, float], moving_range: tuple[float, float],
+                 geometry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         self.moving = moving.detach().contiguous()
         self.points = points.detach().reshape(3, -1).contiguous()
         self.fixed = fixed.detach().reshape(-1).contiguous()
@@ -199,6 +205,12 @@ class LinearInformation:
                               dtype=moving.dtype)
         self.kernel = native_kernels().get(("linear_mattes", moving.dtype))
         self.scratch = torch.empty(4, self.fixed.numel(), dtype=moving.dtype)
+        self.geometry = None
+        if geometry is not None:
+            center, moving_inverse, fixed_affine = geometry
+            self.geometry = torch.cat([center.detach().reshape(3).cpu(), moving_inverse.detach().reshape(16).cpu(),
+                                       fixed_affine.detach().reshape(16).cpu()]).to(moving.dtype).contiguous()
+            self.parameter_kernel = native_kernels()[("linear_parameters", moving.dtype)]
 
     @staticmethod
     def applies(moving: torch.Tensor, points: torch.Tensor, fixed: torch.Tensor, *, bins: int) -> bool:
@@ -220,6 +232,25 @@ class LinearInformation:
             self.scratch.data_ptr(), gradient.ctypes.data,
         )
         return information, gradient
+
+
+    def loss_and_gradient(self, parameters: torch.Tensor, kind: str) -> tuple[float, torch.Tensor]:
+        """-MI and its gradient with respect to a rigid (three angles, R = Rz Ry Rx) or affine (3 x 3
+        matrix, row-major) parameter vector followed by the translation, of the transform
+        y = R (x - c) + c + t; a CPU tensor of the volume's dtype. Needs `geometry`."""
+        if self.geometry is None:
+            raise ValueError("loss_and_gradient: this LinearInformation was built without the map's geometry")
+        expected = {"rigid": 6, "affine": 12}.get(kind)
+        if expected is None or parameters.numel() != expected:
+            raise ValueError(f"parameters: a {kind} transform takes {expected} values, got {parameters.numel()}")
+        parameters = parameters.detach().contiguous()
+        gradient = torch.empty_like(parameters)
+        information = self.parameter_kernel(
+            self.moving.data_ptr(), *self.moving.shape, self.points.data_ptr(), self.fixed.data_ptr(),
+            self.fixed.numel(), parameters.data_ptr(), int(kind == "rigid"), self.geometry.data_ptr(),
+            self.ranges.ctypes.data, self.bins, self.scratch.data_ptr(), gradient.data_ptr(),
+        )
+        return -information, gradient
 
 
 _KERNEL_BINS = 256  # sampler.c's MATTES_BINS_MAX

@@ -44,7 +44,6 @@ from dynomp.precision.dispatch import (
 )
 from dynomp.registration.config import RegistrationConfig, StageConfig
 from dynomp.registration.interpolation import (
-    NUMPY_DTYPES,
     compose_scaled,
     update_kernels,
     update_norm,
@@ -250,17 +249,15 @@ class LinearProblem:
 
     def _prepare_fused(self) -> None:
         """MI's fused kernel for the current format's tensors (`information`, None where it does
-        not apply) and the chain rule's fixed geometry in the format's NumPy dtype (`geometry`)."""
+        not apply), with the map's fixed geometry in the format's dtype."""
         self.information = None
         mattes = getattr(self.loss, "information", None)
         if mattes is None or not LinearInformation.applies(self.moving, self.points, self.fixed, bins=mattes.bins):
             return
-        dtype = NUMPY_DTYPES[self.moving.dtype]
-        self.geometry = tuple(t.detach().cpu().numpy().astype(dtype)
-                              for t in (self.center, self.moving_inverse, self.fixed_affine))
         self.information = LinearInformation(
             moving=self.moving, points=self.points, fixed=self.fixed, bins=mattes.bins, padding=mattes.padding,
             fixed_range=mattes.fixed_range, moving_range=mattes.moving_range,
+            geometry=(self.center, self.moving_inverse, self.fixed_affine),
         )
 
     def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -290,40 +287,12 @@ class LinearProblem:
         return loss.detach(), [gradient]
 
     def _fused_evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """`evaluate` through the fused kernel, the chain rule to the parameters written out.
-
-        The 4 x 4 products that make C = M^-1 H F and carry dL/dC back to the parameters are
-        NumPy arithmetic in the parameters' dtype: the same operations autograd would run, without
-        its bookkeeping (at the coarse levels, that bookkeeping was most of an iteration).
-        """
+        """`evaluate` through the fused kernel: the map, MI and the chain rule back to the parameters
+        in one compiled call, in the parameters' working dtype (`LinearInformation.loss_and_gradient`).
+        Through NumPy, the 4 x 4 products of the chain rule were most of a coarse level's iteration."""
         working = self.working(self.parameters)
-        dtype = NUMPY_DTYPES[working.dtype]
-        parameters = working.cpu().numpy()
-        center, moving_inverse, fixed_affine = self.geometry
-        linear, translation = parameters[:-3], parameters[-3:]
-        if self.kind == "rigid":
-            matrix, partials = rotation_with_partials(linear)
-        else:
-            matrix, partials = linear.reshape(3, 3), None
-        transform = np.eye(4, dtype=dtype)
-        transform[:3, :3] = matrix
-        transform[:3, 3] = center - matrix @ center + translation
-        left = moving_inverse @ transform
-        information, gradient = self.information.value_and_gradient(left @ fixed_affine)
-        # loss = -MI; C = (M^-1 H) F: dL/dH = M^-1^T (dL/dC) F^T, with dL/dC's last row zero
-        to_map = np.zeros((4, 4), dtype=dtype)
-        to_map[:3] = -gradient
-        to_transform = moving_inverse.T @ (to_map @ fixed_affine.T)
-        to_translation = to_transform[:3, 3]
-        to_matrix = to_transform[:3, :3] - np.outer(to_translation, center)
-        if partials is None:
-            to_linear = to_matrix.reshape(-1)
-        else:
-            to_linear = np.asarray([(to_matrix * partial).sum() for partial in partials], dtype=dtype)
-        result = np.concatenate([to_linear, to_translation]).astype(dtype)
-        device = working.device
-        return (torch.tensor(-information, dtype=working.dtype, device=device),
-                [torch.from_numpy(result).to(device)])
+        loss, gradient = self.information.loss_and_gradient(working, self.kind)
+        return torch.tensor(loss, dtype=working.dtype), [gradient]
 
     def reference_loss(self, images: _Images) -> float:
         """The loss of the current parameters in float64, on the level's float64 images (`images`,
@@ -483,28 +452,6 @@ def linear_transform(kind: str, parameters: torch.Tensor, *, center: torch.Tenso
     else:
         matrix = linear.reshape(dimensions, dimensions)
     return homogeneous(matrix, translation, center.to(device=parameters.device, dtype=parameters.dtype))
-
-
-def rotation_with_partials(angles: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """`transforms.rotation_matrix` of three angles (R = Rz Ry Rx) and its derivative with respect to
-    each angle, in the angles' NumPy dtype."""
-    dtype = angles.dtype
-    cosines, sines = np.cos(angles), np.sin(angles)
-    rotations, derivatives = [], []
-    for axis, (cos, sin) in enumerate(zip(cosines, sines, strict=True)):
-        # about x: rows/columns (1, 2); about y: (2, 0); about z: (0, 1), as rotation_matrix builds them
-        first, second = [(1, 2), (2, 0), (0, 1)][axis]
-        rotation, derivative = np.eye(3, dtype=dtype), np.zeros((3, 3), dtype=dtype)
-        rotation[first, first], rotation[first, second] = cos, -sin
-        rotation[second, first], rotation[second, second] = sin, cos
-        derivative[first, first], derivative[first, second] = -sin, -cos
-        derivative[second, first], derivative[second, second] = cos, -sin
-        rotations.append(rotation)
-        derivatives.append(derivative)
-    about_x, about_y, about_z = rotations
-    partials = [about_z @ about_y @ derivatives[0], about_z @ derivatives[1] @ about_x,
-                derivatives[2] @ about_y @ about_x]
-    return about_z @ about_y @ about_x, partials
 
 
 def _initial_parameters(kind: str, transform: torch.Tensor, center: torch.Tensor,

@@ -626,6 +626,96 @@ T linear_mattes_##SUFFIX(const T *volume, int64_t d, int64_t h, int64_t w, const
     return information;                                                                             \
 }
 
+/* LinearProblem's evaluation at a rigid or affine level, whole (pipeline.py): the 3 x 4 map
+ * C = M^-1 T F to moving voxels from the parameters, linear_mattes, and the chain rule from dMI/dC
+ * to d(-MI)/d(parameters), in T's arithmetic. Rigid: three angles (R = Rz Ry Rx, as
+ * transforms.rotation_matrix builds it) then a translation; affine: a row-major 3 x 3 matrix then a
+ * translation; T(x) = R (x - c) + c + t. geometry: c (3), then M^-1 and F (4 x 4 each, row-major).
+ * As NumPy operations, the chain rule was about a hundred small array operations an iteration. */
+#define DEFINE_LINEAR(T, SUFFIX, SIN, COS)                                                          \
+static void product_##SUFFIX(const T *a, const T *b, T *out, int rows, int inner, int columns) {    \
+    for (int r = 0; r < rows; r++)                                                                  \
+        for (int k = 0; k < columns; k++) {                                                         \
+            T sum = (T)0;                                                                           \
+            for (int i = 0; i < inner; i++) sum += a[r * inner + i] * b[i * columns + k];           \
+            out[r * columns + k] = sum;                                                             \
+        }                                                                                           \
+}                                                                                                   \
+                                                                                                    \
+/* rotation by `angle` about `axis` (0: x, 1: y, 2: z) and its derivative, 3 x 3 */                 \
+static void rotation_##SUFFIX(int axis, T angle, T *rotation, T *derivative) {                      \
+    static const int planes[3][2] = {{1, 2}, {2, 0}, {0, 1}};                                       \
+    const int first = planes[axis][0], second = planes[axis][1];                                    \
+    const T cosine = COS(angle), sine = SIN(angle);                                                 \
+    for (int k = 0; k < 9; k++) { rotation[k] = (T)(k % 4 == 0); derivative[k] = (T)0; }            \
+    rotation[first * 3 + first] = cosine; rotation[first * 3 + second] = -sine;                     \
+    rotation[second * 3 + first] = sine; rotation[second * 3 + second] = cosine;                    \
+    derivative[first * 3 + first] = -sine; derivative[first * 3 + second] = -cosine;                \
+    derivative[second * 3 + first] = cosine; derivative[second * 3 + second] = -sine;               \
+}                                                                                                   \
+                                                                                                    \
+T linear_parameters_##SUFFIX(const T *volume, int64_t d, int64_t h, int64_t w, const T *points,     \
+                             const T *fixed, int64_t n, const T *parameters, int rigid,             \
+                             const T *geometry, const T *ranges, int64_t bins, T *scratch,          \
+                             T *gradient) {                                                         \
+    const T *center = geometry, *moving_inverse = geometry + 3, *fixed_affine = geometry + 19;      \
+    const T *translation = parameters + (rigid ? 3 : 9);                                            \
+    T matrix[9], partials[3][9] = {{0}};                                                            \
+    if (rigid) {                                                                                    \
+        T about[3][9], slope[3][9], zy[9], t1[9];                                                   \
+        for (int axis = 0; axis < 3; axis++)                                                        \
+            rotation_##SUFFIX(axis, parameters[axis], about[axis], slope[axis]);                    \
+        product_##SUFFIX(about[2], about[1], zy, 3, 3, 3);                                          \
+        product_##SUFFIX(zy, about[0], matrix, 3, 3, 3);                                            \
+        product_##SUFFIX(zy, slope[0], partials[0], 3, 3, 3);                                       \
+        product_##SUFFIX(about[2], slope[1], t1, 3, 3, 3);                                          \
+        product_##SUFFIX(t1, about[0], partials[1], 3, 3, 3);                                       \
+        product_##SUFFIX(slope[2], about[1], t1, 3, 3, 3);                                          \
+        product_##SUFFIX(t1, about[0], partials[2], 3, 3, 3);                                       \
+    } else {                                                                                        \
+        for (int k = 0; k < 9; k++) matrix[k] = parameters[k];                                      \
+    }                                                                                               \
+    /* T, then C = (M^-1 T) F */                                                                    \
+    T transform[16] = {0}, left[16], combined[16], found[12];                                       \
+    for (int r = 0; r < 3; r++) {                                                                   \
+        T moved = (T)0;                                                                             \
+        for (int k = 0; k < 3; k++) { transform[r * 4 + k] = matrix[r * 3 + k];                     \
+                                      moved += matrix[r * 3 + k] * center[k]; }                     \
+        transform[r * 4 + 3] = center[r] - moved + translation[r];                                  \
+    }                                                                                               \
+    transform[15] = (T)1;                                                                           \
+    product_##SUFFIX(moving_inverse, transform, left, 4, 4, 4);                                     \
+    product_##SUFFIX(left, fixed_affine, combined, 4, 4, 4);                                        \
+    const T information = linear_mattes_##SUFFIX(volume, d, h, w, points, fixed, n, combined,       \
+                                                 ranges, bins, scratch, found);                     \
+    /* loss = -MI: dL/dT = M^-1^T (dL/dC) F^T, dL/dC's last row zero */                             \
+    T to_map[16] = {0}, inverse_t[16], affine_t[16], mapped[16], to_transform[16];                  \
+    for (int k = 0; k < 12; k++) to_map[k] = -found[k];                                             \
+    for (int r = 0; r < 4; r++)                                                                     \
+        for (int k = 0; k < 4; k++) {                                                               \
+            inverse_t[r * 4 + k] = moving_inverse[k * 4 + r];                                       \
+            affine_t[r * 4 + k] = fixed_affine[k * 4 + r];                                          \
+        }                                                                                           \
+    product_##SUFFIX(to_map, affine_t, mapped, 4, 4, 4);                                            \
+    product_##SUFFIX(inverse_t, mapped, to_transform, 4, 4, 4);                                     \
+    T to_matrix[9];                                                                                 \
+    for (int r = 0; r < 3; r++)                                                                     \
+        for (int k = 0; k < 3; k++)                                                                 \
+            to_matrix[r * 3 + k] = to_transform[r * 4 + k] - to_transform[r * 4 + 3] * center[k];   \
+    T *to_translation = gradient + (rigid ? 3 : 9);                                                 \
+    for (int r = 0; r < 3; r++) to_translation[r] = to_transform[r * 4 + 3];                        \
+    if (rigid) {                                                                                    \
+        for (int a = 0; a < 3; a++) {                                                               \
+            T sum = (T)0;                                                                           \
+            for (int k = 0; k < 9; k++) sum += to_matrix[k] * partials[a][k];                       \
+            gradient[a] = sum;                                                                      \
+        }                                                                                           \
+    } else {                                                                                        \
+        for (int k = 0; k < 9; k++) gradient[k] = to_matrix[k];                                     \
+    }                                                                                               \
+    return information;                                                                             \
+}
+
 
 /* 1 where this library splits its loops over OpenMP threads itself (then the caller does not) */
 int sampler_threads(void) {
@@ -640,6 +730,8 @@ DEFINE_SAMPLER(float, f32)
 DEFINE_SAMPLER(double, f64)
 DEFINE_MATTES(float, f32, logf)
 DEFINE_MATTES(double, f64, log)
+DEFINE_LINEAR(float, f32, sinf, cosf)
+DEFINE_LINEAR(double, f64, sin, cos)
 DEFINE_INVERSION(float, f32, fabsf)
 DEFINE_INVERSION(double, f64, fabs)
 DEFINE_UPDATE(float, f32)

@@ -134,8 +134,12 @@ def center_of_mass(volume: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     dimensions = volume.dim()
     if not total > 0:
         raise ValueError("centre of mass: the image has no positive intensity")
-    coordinates = identity_coordinates(volume.shape, dtype=torch.float64, device=volume.device)
-    voxel_center = (coordinates * weights).reshape(dimensions, -1).sum(1) / total
+    # each axis's mean index from the weights' marginal along it: no (D, *shape) coordinate grid
+    voxel_center = torch.stack([
+        weights.sum(dim=[other for other in range(dimensions) if other != axis])
+        @ torch.arange(size, dtype=torch.float64, device=volume.device)
+        for axis, size in enumerate(volume.shape)
+    ]) / total
     return to_physical(voxel_center.reshape(dimensions, 1), affine.to(volume.device)).reshape(-1)
 
 

@@ -22,7 +22,10 @@ Markdown table with fp32 / fp64 per part:
   C filter's box sums, and the torch operations with BLAS matrix products (the fallback);
 - Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update), C filter and BLAS;
 - the precision controller's observation of SyN's state (two fields and their gradients), with
-  the C statistics pass and with the numba one.
+  the C statistics pass and with the numba one;
+- the sampler's parts again with the sampler built with -DSAMPLER_SINGLE_LOADS ("corners loaded
+  one by one"), where float32 otherwise loads a cell's two x-neighbours as one 8-byte value: the
+  gathers this saves are float32's whole gain in those rows.
 
 Each round times every part in both formats in turn (mean of `--inner` calls after a warm-up
 call), and the table reports the median over `--repeats` rounds, so that drift in the machine's
@@ -32,12 +35,18 @@ speed hits both formats alike.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from dynomp import native
 from dynomp.precision import estimator
 from dynomp.precision.controller import PrecisionController
 from dynomp.registration import interpolation, metrics, pipeline, pyramid
@@ -75,6 +84,38 @@ def set_aside(load: Callable[[], dict], module: object, attribute: str,
 def numba_sampler(function: Callable[[], object]) -> Callable[[], None]:
     """`function` with the sampler's C kernels set aside: the numba fallback runs."""
     return set_aside(interpolation.native_kernels, interpolation, "_native_kernels", function)
+
+
+@functools.cache
+def single_load_kernels() -> dict:
+    """The sampler's C kernels built with -DSAMPLER_SINGLE_LOADS (a cell's corners loaded one by one,
+    not float32's x-neighbours as one 8-byte load), in a temporary folder; empty without a compiler."""
+    compiler = native.compiler()
+    if compiler is None or not interpolation.native_kernels():
+        return {}
+    folder = Path(tempfile.mkdtemp(prefix="dynomp-single-loads-"))
+    kept = os.environ.get("CC")
+    os.environ["CC"] = f"{kept or compiler} -DSAMPLER_SINGLE_LOADS"
+    try:
+        path = native.build("registration/sampler", folder=folder)
+    finally:
+        if kept is None:
+            del os.environ["CC"]
+        else:
+            os.environ["CC"] = kept
+    return interpolation.kernel_table(ctypes.CDLL(str(path)))
+
+
+def single_loads(function: Callable[[], object]) -> Callable[[], None]:
+    """`function` with the sampler's kernels built to load a cell's corners one by one."""
+    def run() -> None:
+        kept = interpolation.native_kernels()
+        interpolation._native_kernels = single_load_kernels() or kept
+        try:
+            function()
+        finally:
+            interpolation._native_kernels = kept
+    return run
 
 
 def matrix_filters(function: Callable[[], object]) -> Callable[[], None]:
@@ -130,6 +171,17 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
 
     def linear_fused() -> None:
         fused.value_and_gradient(combined.numpy())
+
+    single = {}
+
+    def build_single() -> None:  # the kernel is looked up when the object is built
+        single["fused"] = LinearInformation(moving=moving, points=points, fixed=fixed_samples, bins=32,
+                                            padding=2, fixed_range=fixed_range, moving_range=moving_range)
+
+    single_loads(build_single)()
+
+    def linear_fused_single() -> None:
+        single["fused"].value_and_gradient(combined.numpy())
 
     def linear_torch() -> None:
         matrix = combined.clone().requires_grad_(True)
@@ -196,19 +248,24 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         "warp value + gradient, displaced sampler": warp_displaced,
         "warp value + gradient, sampler at identity + u": warp_coordinates,
         "warp value + gradient, displaced sampler, numba fallback": numba_sampler(warp_displaced),
+        "warp value + gradient, displaced sampler, corners loaded one by one": single_loads(warp_displaced),
         "compose a field with an update": lambda: compose(field, update),
+        "compose a field with an update, corners loaded one by one": single_loads(lambda: compose(field, update)),
         "compose a field with an update, numba fallback": numba_sampler(lambda: compose(field, update)),
         "local CC r=4, value + both gradients": cc,
         "local CC r=4, value + both gradients, torch pointwise operations": torch_correlation(cc),
         "local CC r=4, value + both gradients, torch operations and BLAS box sums": torch_correlation(matrix_filters(cc)),
         "SyN evaluation (both warps, CC, gradients to both fields), compiled calls": problem.evaluate,
         "SyN evaluation, through autograd": through_autograd.evaluate,
+        "SyN evaluation, compiled calls, corners loaded one by one": single_loads(problem.evaluate),
         "SyN step of both fields (smooth, norm, compose), fused": syn_step,
+        "SyN step of both fields, fused, corners loaded one by one": single_loads(syn_step),
         "SyN step of both fields, torch operations for norm and compose": unfused(syn_step),
         "smooth a 3-component field, sigma 3": lambda: smooth(update, 3.0, dimensions=3),
         "smooth a 3-component field, sigma 3, BLAS": matrix_filters(lambda: smooth(update, 3.0, dimensions=3)),
         "controller observe (2 fields + 2 gradients)": lambda: controller.observe(state, gradients),
         "controller observe, numba statistics": numba_statistics(lambda: controller.observe(state, gradients)),
+        "linear map: sample + MI + dMI/dC, fused, corners loaded one by one": linear_fused_single,
     }
 
 

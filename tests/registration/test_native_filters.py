@@ -20,7 +20,8 @@ from dynomp.registration.pyramid import (
     smooth,
 )
 
-needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+needs_compiler = pytest.mark.skipif(native.compiler() is None or not native.enabled(),
+                                    reason="no C compiler on this machine, or DYNOMP_NATIVE=0")
 
 
 @pytest.fixture
@@ -144,8 +145,8 @@ def test_filter_arguments_are_checked():
 def test_fused_correlation_passes_give_the_torch_operations_numbers(monkeypatch, dtype, shape):
     from dynomp.registration import metrics
 
-    if native.compiler() is None:
-        pytest.skip("no C compiler on this machine")
+    if native.compiler() is None or not native.enabled():
+        pytest.skip("no C compiler on this machine, or DYNOMP_NATIVE=0")
     generator = torch.Generator().manual_seed(sum(shape))
     fixed = pyramid.smooth(torch.rand(*shape, dtype=torch.float64, generator=generator), 1.0, dimensions=3)
     moving = 0.5 * fixed + 0.5 * pyramid.smooth(torch.rand(*shape, dtype=torch.float64, generator=generator), 1.0,

@@ -20,7 +20,8 @@ def generator():
     return torch.Generator().manual_seed(7)
 
 
-needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+needs_compiler = pytest.mark.skipif(native.compiler() is None or not native.enabled(),
+                                    reason="no C compiler on this machine, or DYNOMP_NATIVE=0")
 
 
 def sample_both_ways(monkeypatch, function, volume, points, weights):
@@ -38,7 +39,7 @@ def sample_both_ways(monkeypatch, function, volume, points, weights):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("channels", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(17, 20, 19), (1, 9, 11)])
+@pytest.mark.parametrize("shape", [(17, 20, 19), (1, 9, 11), (9, 11, 1), (5, 6, 2)])  # x: 1 voxel, 2 voxels
 def test_c_sampler_gives_the_numba_kernels_numbers(monkeypatch, generator, dtype, channels, shape):
     assert interpolation.native_kernels(), "a C compiler is here, so the C kernels must load"
     volume = torch.rand(channels, *shape, dtype=dtype, generator=generator)

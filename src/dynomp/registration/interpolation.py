@@ -217,13 +217,20 @@ def native_kernels() -> dict[tuple[str, torch.dtype], Any]:
         _native_kernels = {}
         if library is not None:
             _native_threads = bool(library.sampler_threads())
-            for name, arguments in _SIGNATURES.items():
-                for dtype, suffix in _SUFFIXES.items():
-                    kernel = getattr(library, f"{name}_{suffix}")
-                    kernel.argtypes = [_REALS[dtype] if a is _REAL else a for a in arguments]
-                    kernel.restype = _RESULTS.get(name, {}).get(dtype)
-                    _native_kernels[name, dtype] = kernel
+            _native_kernels = kernel_table(library)
     return _native_kernels
+
+
+def kernel_table(library: ctypes.CDLL) -> dict[tuple[str, torch.dtype], Any]:
+    """A compiled sampler library's kernels by (name, dtype), their arguments and results declared."""
+    table = {}
+    for name, arguments in _SIGNATURES.items():
+        for dtype, suffix in _SUFFIXES.items():
+            kernel = getattr(library, f"{name}_{suffix}")
+            kernel.argtypes = [_REALS[dtype] if a is _REAL else a for a in arguments]
+            kernel.restype = _RESULTS.get(name, {}).get(dtype)
+            table[name, dtype] = kernel
+    return table
 
 
 def _run_native(kernel: Any, *arguments: object, points: int, samples_per_point: int = 1) -> None:

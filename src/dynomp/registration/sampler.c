@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Threads. Built with -fopenmp, each function splits its points or rows over OpenMP's threads when
  * it has at least PARALLEL_MINIMUM samples. Loaded after torch, the library's libgomp.so.1 is the
@@ -53,6 +54,37 @@
     }
 #endif
 
+/* A cell's two corners along x, v[p] and v[p + 1], neighbours in memory: in float32, one 8-byte
+ * load. A vectorised loop fetches a cell's corners with gather instructions, whose cost goes by the
+ * number of elements fetched rather than their width: float32's eight gathers per value cost about
+ * as much as float64's, and as four 8-byte gathers they cost half (registration_parts.py).
+ * The same values bit for bit. */
+/* (built with -DSAMPLER_SINGLE_LOADS, the two are loaded one by one, as registration_parts.py compares) */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && !defined(SAMPLER_SINGLE_LOADS)
+static inline void pair_f32(const float *restrict v, int32_t p, float *first, float *second) {
+    uint64_t bits;
+    memcpy(&bits, v + p, sizeof bits);
+    const uint32_t low = (uint32_t)bits, high = (uint32_t)(bits >> 32);
+    memcpy(first, &low, sizeof low);
+    memcpy(second, &high, sizeof high);
+}
+#else
+static inline void pair_f32(const float *restrict v, int32_t p, float *first, float *second) {
+    *first = v[p];
+    *second = v[p + 1];
+}
+#endif
+static inline void pair_f64(const double *restrict v, int32_t p, double *first, double *second) {
+    *first = v[p];
+    *second = v[p + 1];
+}
+
+/* The loop given twice, once with PAIRED the constant 1 (where CONDITION holds: the volume has more
+ * than one voxel along x, so that v[p + 1] is a cell's other x corner) and once with 0, so that
+ * each copy vectorises with its own loads. */
+#define PAIRED_VERSIONS(CONDITION, ...)                                                            \
+    if (CONDITION) { enum { PAIRED = 1 }; __VA_ARGS__ } else { enum { PAIRED = 0 }; __VA_ARGS__ }
+
 #define DEFINE_SAMPLER(T, SUFFIX)                                                                  \
                                                                                                    \
 typedef struct {                                                                                   \
@@ -82,13 +114,30 @@ static inline int32_t cell_##SUFFIX(const geometry_##SUFFIX *g, T z, T y, T x,  
     return i * g->sz + j * g->sy + k * g->sx;                                                      \
 }                                                                                                  \
                                                                                                    \
-static inline T value_##SUFFIX(const T *restrict v, const geometry_##SUFFIX *g, int32_t p,         \
-                               T fz, T fy, T fx) {                                                 \
+/* the cell's eight corners (z, y, x bits of the index: v000, v001, v010, ...) */                 \
+static inline void corners_##SUFFIX(const T *restrict v, const geometry_##SUFFIX *g, int32_t p,     \
+                                    int paired, T *c) {                                            \
     const int32_t sz = g->sz, sy = g->sy, sx = g->sx;                                              \
-    T a = v[p] + fx * (v[p + sx] - v[p]);                                                          \
-    T b = v[p + sy] + fx * (v[p + sy + sx] - v[p + sy]);                                           \
-    T e = v[p + sz] + fx * (v[p + sz + sx] - v[p + sz]);                                           \
-    T f = v[p + sz + sy] + fx * (v[p + sz + sy + sx] - v[p + sz + sy]);                            \
+    if (paired) {                                                                                  \
+        pair_##SUFFIX(v, p, c, c + 1);                                                             \
+        pair_##SUFFIX(v, p + sy, c + 2, c + 3);                                                    \
+        pair_##SUFFIX(v, p + sz, c + 4, c + 5);                                                    \
+        pair_##SUFFIX(v, p + sz + sy, c + 6, c + 7);                                               \
+    } else {                                                                                       \
+        c[0] = v[p]; c[1] = v[p + sx]; c[2] = v[p + sy]; c[3] = v[p + sy + sx];                    \
+        c[4] = v[p + sz]; c[5] = v[p + sz + sx]; c[6] = v[p + sz + sy]; c[7] = v[p + sz + sy + sx]; \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* `paired`: g->sx is 1 (PAIRED_VERSIONS passes a constant) */                                     \
+static inline T value_##SUFFIX(const T *restrict v, const geometry_##SUFFIX *g, int32_t p,         \
+                               T fz, T fy, T fx, int paired) {                                     \
+    T c[8];                                                                                        \
+    corners_##SUFFIX(v, g, p, paired, c);                                                          \
+    T a = c[0] + fx * (c[1] - c[0]);                                                               \
+    T b = c[2] + fx * (c[3] - c[2]);                                                               \
+    T e = c[4] + fx * (c[5] - c[4]);                                                               \
+    T f = c[6] + fx * (c[7] - c[6]);                                                               \
     T low = a + fy * (b - a);                                                                      \
     return low + fz * (e + fy * (f - e) - low);                                                    \
 }                                                                                                  \
@@ -97,11 +146,11 @@ static inline T value_##SUFFIX(const T *restrict v, const geometry_##SUFFIX *g, 
 /* the coordinate is inside the grid (a clamped coordinate does not move the value) */            \
 static inline void partials_##SUFFIX(const T *restrict v, const geometry_##SUFFIX *g, int32_t p,   \
                                      T z, T y, T x, T fz, T fy, T fx, T weight,                    \
-                                     T *gz, T *gy, T *gx) {                                        \
-    const int32_t sz = g->sz, sy = g->sy, sx = g->sx;                                              \
-    T v000 = v[p], v001 = v[p + sx], v010 = v[p + sy], v011 = v[p + sy + sx];                      \
-    T v100 = v[p + sz], v101 = v[p + sz + sx], v110 = v[p + sz + sy];                              \
-    T v111 = v[p + sz + sy + sx];                                                                  \
+                                     T *gz, T *gy, T *gx, int paired) {                            \
+    T c[8];                                                                                        \
+    corners_##SUFFIX(v, g, p, paired, c);                                                          \
+    const T v000 = c[0], v001 = c[1], v010 = c[2], v011 = c[3];                                    \
+    const T v100 = c[4], v101 = c[5], v110 = c[6], v111 = c[7];                                    \
     T a = v000 + fx * (v001 - v000), b = v010 + fx * (v011 - v010);                                \
     T e = v100 + fx * (v101 - v100), f = v110 + fx * (v111 - v110);                                \
     T low = (v001 - v000) + fy * ((v011 - v010) - (v001 - v000));                                  \
@@ -124,11 +173,13 @@ static SPAN void points_span_##SUFFIX(const T *restrict volume, int64_t channels
     for (int64_t c = 0; c < channels; c++) {                                                       \
         const T *restrict v = volume + c * size;                                                   \
         T *restrict o = out + c * n;                                                               \
-        for (int64_t q = start; q < stop; q++) {                                                   \
-            T fz, fy, fx;                                                                          \
-            int32_t p = cell_##SUFFIX(&g, pz[q], py[q], px[q], &fz, &fy, &fx);                     \
-            o[q] = value_##SUFFIX(v, &g, p, fz, fy, fx);                                           \
-        }                                                                                          \
+        PAIRED_VERSIONS(g.sx == 1,                                                                 \
+            for (int64_t q = start; q < stop; q++) {                                               \
+                T fz, fy, fx;                                                                      \
+                int32_t p = cell_##SUFFIX(&g, pz[q], py[q], px[q], &fz, &fy, &fx);                 \
+                o[q] = value_##SUFFIX(v, &g, p, fz, fy, fx, PAIRED);                               \
+            }                                                                                      \
+        )                                                                                          \
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
@@ -145,11 +196,14 @@ static SPAN void points_backward_span_##SUFFIX(const T *restrict volume, int64_t
     for (int64_t c = 0; c < channels; c++) {                                                       \
         const T *restrict v = volume + c * size;                                                   \
         const T *restrict weights = grad_out + c * n;                                              \
-        for (int64_t q = start; q < stop; q++) {                                                   \
-            T fz, fy, fx, z = pz[q], y = py[q], x = px[q];                                         \
-            int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                                 \
-            partials_##SUFFIX(v, &g, p, z, y, x, fz, fy, fx, weights[q], gz + q, gy + q, gx + q);  \
-        }                                                                                          \
+        PAIRED_VERSIONS(g.sx == 1,                                                                 \
+            for (int64_t q = start; q < stop; q++) {                                               \
+                T fz, fy, fx, z = pz[q], y = py[q], x = px[q];                                     \
+                int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                             \
+                partials_##SUFFIX(v, &g, p, z, y, x, fz, fy, fx, weights[q], gz + q, gy + q, gx + q, \
+                                  PAIRED);                                                         \
+            }                                                                                      \
+        )                                                                                          \
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
@@ -164,33 +218,39 @@ static SPAN void displaced_span_##SUFFIX(const T *restrict volume, int64_t chann
     if (channels == 3) { /* a displacement field (compose): one cell lookup for its components */ \
         const T *restrict v0 = volume, *restrict v1 = volume + size, *restrict v2 = volume + 2 * size; \
         T *restrict o0 = out, *restrict o1 = out + n, *restrict o2 = out + 2 * n;                  \
-        for (int64_t row = start; row < stop; row++) {                                             \
-            const T i = (T)(row / grid_h), j = (T)(row % grid_h);                                  \
-            const int64_t first = row * grid_w;                                                    \
-            for (int64_t k = 0; k < grid_w; k++) {                                                 \
-                const int64_t q = first + k;                                                       \
-                T fz, fy, fx;                                                                      \
-                int32_t p = cell_##SUFFIX(&g, i + uz[q], j + uy[q], (T)k + ux[q], &fz, &fy, &fx);  \
-                o0[q] = value_##SUFFIX(v0, &g, p, fz, fy, fx);                                     \
-                o1[q] = value_##SUFFIX(v1, &g, p, fz, fy, fx);                                     \
-                o2[q] = value_##SUFFIX(v2, &g, p, fz, fy, fx);                                     \
+        PAIRED_VERSIONS(g.sx == 1,                                                                 \
+            for (int64_t row = start; row < stop; row++) {                                         \
+                const T i = (T)(row / grid_h), j = (T)(row % grid_h);                              \
+                const int64_t first = row * grid_w;                                                \
+                for (int64_t k = 0; k < grid_w; k++) {                                             \
+                    const int64_t q = first + k;                                                   \
+                    T fz, fy, fx;                                                                  \
+                    int32_t p = cell_##SUFFIX(&g, i + uz[q], j + uy[q], (T)k + ux[q],              \
+                                              &fz, &fy, &fx);                                      \
+                    o0[q] = value_##SUFFIX(v0, &g, p, fz, fy, fx, PAIRED);                         \
+                    o1[q] = value_##SUFFIX(v1, &g, p, fz, fy, fx, PAIRED);                         \
+                    o2[q] = value_##SUFFIX(v2, &g, p, fz, fy, fx, PAIRED);                         \
+                }                                                                                  \
             }                                                                                      \
-        }                                                                                          \
+        )                                                                                          \
         return;                                                                                    \
     }                                                                                              \
     for (int64_t c = 0; c < channels; c++) {                                                       \
         const T *restrict v = volume + c * size;                                                   \
         T *restrict o = out + c * n;                                                               \
-        for (int64_t row = start; row < stop; row++) {                                             \
-            const T i = (T)(row / grid_h), j = (T)(row % grid_h);                                  \
-            const int64_t first = row * grid_w;                                                    \
-            for (int64_t k = 0; k < grid_w; k++) {                                                 \
-                const int64_t q = first + k;                                                       \
-                T fz, fy, fx;                                                                      \
-                int32_t p = cell_##SUFFIX(&g, i + uz[q], j + uy[q], (T)k + ux[q], &fz, &fy, &fx);  \
-                o[q] = value_##SUFFIX(v, &g, p, fz, fy, fx);                                       \
+        PAIRED_VERSIONS(g.sx == 1,                                                                 \
+            for (int64_t row = start; row < stop; row++) {                                         \
+                const T i = (T)(row / grid_h), j = (T)(row % grid_h);                              \
+                const int64_t first = row * grid_w;                                                \
+                for (int64_t k = 0; k < grid_w; k++) {                                             \
+                    const int64_t q = first + k;                                                   \
+                    T fz, fy, fx;                                                                  \
+                    int32_t p = cell_##SUFFIX(&g, i + uz[q], j + uy[q], (T)k + ux[q],              \
+                                              &fz, &fy, &fx);                                      \
+                    o[q] = value_##SUFFIX(v, &g, p, fz, fy, fx, PAIRED);                           \
+                }                                                                                  \
             }                                                                                      \
-        }                                                                                          \
+        )                                                                                          \
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
@@ -210,16 +270,19 @@ static SPAN void displaced_backward_span_##SUFFIX(const T *restrict volume, int6
     for (int64_t c = 0; c < channels; c++) {                                                       \
         const T *restrict v = volume + c * size;                                                   \
         const T *restrict weights = grad_out + c * n;                                              \
-        for (int64_t row = start; row < stop; row++) {                                             \
-            const T i = (T)(row / grid_h), j = (T)(row % grid_h);                                  \
-            const int64_t first = row * grid_w;                                                    \
-            for (int64_t k = 0; k < grid_w; k++) {                                                 \
-                const int64_t q = first + k;                                                       \
-                T fz, fy, fx, z = i + uz[q], y = j + uy[q], x = (T)k + ux[q];                      \
-                int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                             \
-                partials_##SUFFIX(v, &g, p, z, y, x, fz, fy, fx, weights[q], gz + q, gy + q, gx + q); \
+        PAIRED_VERSIONS(g.sx == 1,                                                                 \
+            for (int64_t row = start; row < stop; row++) {                                         \
+                const T i = (T)(row / grid_h), j = (T)(row % grid_h);                              \
+                const int64_t first = row * grid_w;                                                \
+                for (int64_t k = 0; k < grid_w; k++) {                                             \
+                    const int64_t q = first + k;                                                   \
+                    T fz, fy, fx, z = i + uz[q], y = j + uy[q], x = (T)k + ux[q];                  \
+                    int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                         \
+                    partials_##SUFFIX(v, &g, p, z, y, x, fz, fy, fx, weights[q], gz + q, gy + q, gx + q, \
+                                      PAIRED);                                                     \
+                }                                                                                  \
             }                                                                                      \
-        }                                                                                          \
+        )                                                                                          \
     }                                                                                              \
 }                                                                                                  \
                                                                                                    \
@@ -286,49 +349,51 @@ static SPAN T inversion_span_##SUFFIX(const T *restrict u, int64_t d, int64_t h,
     T lanes[INVERSION_LANES];                                                                      \
     int invalid = 0;                                                                               \
     for (int l = 0; l < INVERSION_LANES; l++) lanes[l] = (T)0;                                     \
-    for (int64_t row = start; row < stop; row++) {                                                 \
-        const T i = (T)(row / h), j = (T)(row % h);                                                \
-        const int64_t first = row * w;                                                             \
-        for (int64_t k0 = 0; k0 < w; k0 += INVERSION_LANES) {                                      \
-            const int64_t count = w - k0 < INVERSION_LANES ? w - k0 : INVERSION_LANES;             \
-            for (int64_t l = 0; l < count; l++) {                                                  \
-                const int64_t q = first + k0 + l;                                                  \
-                const T a = vz[q], b = vy[q], c = vx[q];                                           \
-                const T z = i + a, y = j + b, x = (T)(k0 + l) + c;                                 \
-                T fz, fy, fx;                                                                      \
-                int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                             \
-                const T rz = value_##SUFFIX(u0, &g, p, fz, fy, fx) + a;                            \
-                const T ry = value_##SUFFIX(u1, &g, p, fz, fy, fx) + b;                            \
-                const T rx = value_##SUFFIX(u2, &g, p, fz, fy, fx) + c;                            \
-                T sz = -damping * rz, sy = -damping * ry, sx = -damping * rx;                      \
-                if (newton) {                                                                      \
-                    /* m = I + J, row r the partials of u's component r */                         \
-                    T m00 = 1, m01 = 0, m02 = 0, m10 = 0, m11 = 1, m12 = 0, m20 = 0, m21 = 0, m22 = 1; \
-                    partials_##SUFFIX(u0, &g, p, z, y, x, fz, fy, fx, (T)1, &m00, &m01, &m02);     \
-                    partials_##SUFFIX(u1, &g, p, z, y, x, fz, fy, fx, (T)1, &m10, &m11, &m12);     \
-                    partials_##SUFFIX(u2, &g, p, z, y, x, fz, fy, fx, (T)1, &m20, &m21, &m22);     \
-                    const T c00 = m11 * m22 - m12 * m21, c01 = m12 * m20 - m10 * m22;              \
-                    const T c02 = m10 * m21 - m11 * m20;                                           \
-                    const T det = m00 * c00 + m01 * c01 + m02 * c02;                               \
-                    if (det > (T)INVERSION_NEWTON_DETERMINANT) {                                   \
-                        /* s = -m^-1 r, m^-1 the adjugate over the determinant */                  \
-                        const T scale = (T)-1 / det;                                               \
-                        sz = scale * (c00 * rz + (m02 * m21 - m01 * m22) * ry + (m01 * m12 - m02 * m11) * rx); \
-                        sy = scale * (c01 * rz + (m00 * m22 - m02 * m20) * ry + (m02 * m10 - m00 * m12) * rx); \
-                        sx = scale * (c02 * rz + (m01 * m20 - m00 * m21) * ry + (m00 * m11 - m01 * m10) * rx); \
+    PAIRED_VERSIONS(g.sx == 1,                                                                     \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            const T i = (T)(row / h), j = (T)(row % h);                                            \
+            const int64_t first = row * w;                                                         \
+            for (int64_t k0 = 0; k0 < w; k0 += INVERSION_LANES) {                                  \
+                const int64_t count = w - k0 < INVERSION_LANES ? w - k0 : INVERSION_LANES;         \
+                for (int64_t l = 0; l < count; l++) {                                              \
+                    const int64_t q = first + k0 + l;                                              \
+                    const T a = vz[q], b = vy[q], c = vx[q];                                       \
+                    const T z = i + a, y = j + b, x = (T)(k0 + l) + c;                             \
+                    T fz, fy, fx;                                                                  \
+                    int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                         \
+                    const T rz = value_##SUFFIX(u0, &g, p, fz, fy, fx, PAIRED) + a;                \
+                    const T ry = value_##SUFFIX(u1, &g, p, fz, fy, fx, PAIRED) + b;                \
+                    const T rx = value_##SUFFIX(u2, &g, p, fz, fy, fx, PAIRED) + c;                \
+                    T sz = -damping * rz, sy = -damping * ry, sx = -damping * rx;                  \
+                    if (newton) {                                                                  \
+                        /* m = I + J, row r the partials of u's component r */                     \
+                        T m00 = 1, m01 = 0, m02 = 0, m10 = 0, m11 = 1, m12 = 0, m20 = 0, m21 = 0, m22 = 1; \
+                        partials_##SUFFIX(u0, &g, p, z, y, x, fz, fy, fx, (T)1, &m00, &m01, &m02, PAIRED); \
+                        partials_##SUFFIX(u1, &g, p, z, y, x, fz, fy, fx, (T)1, &m10, &m11, &m12, PAIRED); \
+                        partials_##SUFFIX(u2, &g, p, z, y, x, fz, fy, fx, (T)1, &m20, &m21, &m22, PAIRED); \
+                        const T c00 = m11 * m22 - m12 * m21, c01 = m12 * m20 - m10 * m22;          \
+                        const T c02 = m10 * m21 - m11 * m20;                                       \
+                        const T det = m00 * c00 + m01 * c01 + m02 * c02;                           \
+                        if (det > (T)INVERSION_NEWTON_DETERMINANT) {                               \
+                            /* s = -m^-1 r, m^-1 the adjugate over the determinant */              \
+                            const T scale = (T)-1 / det;                                           \
+                            sz = scale * (c00 * rz + (m02 * m21 - m01 * m22) * ry + (m01 * m12 - m02 * m11) * rx); \
+                            sy = scale * (c01 * rz + (m00 * m22 - m02 * m20) * ry + (m02 * m10 - m00 * m12) * rx); \
+                            sx = scale * (c02 * rz + (m01 * m20 - m00 * m21) * ry + (m00 * m11 - m01 * m10) * rx); \
+                        }                                                                          \
                     }                                                                              \
+                    oz[q] = a + sz;                                                                \
+                    oy[q] = b + sy;                                                                \
+                    ox[q] = c + sx;                                                                \
+                    const T mz = ABS(rz), my = ABS(ry), mx = ABS(rx);                              \
+                    T m = mz > my ? mz : my;                                                       \
+                    m = mx > m ? mx : m;                                                           \
+                    invalid |= (rz != rz) | (ry != ry) | (rx != rx);                               \
+                    lanes[l] = m > lanes[l] ? m : lanes[l];                                        \
                 }                                                                                  \
-                oz[q] = a + sz;                                                                    \
-                oy[q] = b + sy;                                                                    \
-                ox[q] = c + sx;                                                                    \
-                const T mz = ABS(rz), my = ABS(ry), mx = ABS(rx);                                  \
-                T m = mz > my ? mz : my;                                                           \
-                m = mx > m ? mx : m;                                                               \
-                invalid |= (rz != rz) | (ry != ry) | (rx != rx);                                   \
-                lanes[l] = m > lanes[l] ? m : lanes[l];                                            \
             }                                                                                      \
         }                                                                                          \
-    }                                                                                              \
+    )                                                                                              \
     T largest = (T)0;                                                                              \
     for (int l = 0; l < INVERSION_LANES; l++) largest = lanes[l] > largest ? lanes[l] : largest;   \
     if (invalid) *nan = 1;                                                                         \
@@ -399,19 +464,21 @@ static SPAN void compose_scaled_span_##SUFFIX(const T *restrict u, int64_t d, in
     const T *restrict u0 = u, *restrict u1 = u + n, *restrict u2 = u + 2 * n;                      \
     const T *restrict dz = direction, *restrict dy = direction + n, *restrict dx = direction + 2 * n; \
     T *restrict o0 = out, *restrict o1 = out + n, *restrict o2 = out + 2 * n;                      \
-    for (int64_t row = start; row < stop; row++) {                                                 \
-        const T i = (T)(row / h), j = (T)(row % h);                                                \
-        const int64_t first = row * w;                                                             \
-        for (int64_t k = 0; k < w; k++) {                                                          \
-            const int64_t q = first + k;                                                           \
-            const T sz = dz[q] * scale, sy = dy[q] * scale, sx = dx[q] * scale;                    \
-            T fz, fy, fx;                                                                          \
-            int32_t p = cell_##SUFFIX(&g, i + sz, j + sy, (T)k + sx, &fz, &fy, &fx);               \
-            o0[q] = sz + value_##SUFFIX(u0, &g, p, fz, fy, fx);                                    \
-            o1[q] = sy + value_##SUFFIX(u1, &g, p, fz, fy, fx);                                    \
-            o2[q] = sx + value_##SUFFIX(u2, &g, p, fz, fy, fx);                                    \
+    PAIRED_VERSIONS(g.sx == 1,                                                                     \
+        for (int64_t row = start; row < stop; row++) {                                             \
+            const T i = (T)(row / h), j = (T)(row % h);                                            \
+            const int64_t first = row * w;                                                         \
+            for (int64_t k = 0; k < w; k++) {                                                      \
+                const int64_t q = first + k;                                                       \
+                const T sz = dz[q] * scale, sy = dy[q] * scale, sx = dx[q] * scale;                \
+                T fz, fy, fx;                                                                      \
+                int32_t p = cell_##SUFFIX(&g, i + sz, j + sy, (T)k + sx, &fz, &fy, &fx);           \
+                o0[q] = sz + value_##SUFFIX(u0, &g, p, fz, fy, fx, PAIRED);                        \
+                o1[q] = sy + value_##SUFFIX(u1, &g, p, fz, fy, fx, PAIRED);                        \
+                o2[q] = sx + value_##SUFFIX(u2, &g, p, fz, fy, fx, PAIRED);                        \
+            }                                                                                      \
         }                                                                                          \
-    }                                                                                              \
+    )                                                                                              \
 }                                                                                                  \
                                                                                                    \
 void compose_scaled_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *direction,      \
@@ -481,40 +548,42 @@ static SPAN int mattes_histogram_span_##SUFFIX(const T *restrict volume, int64_t
     const T fixed_low = ranges[0], fixed_scale = ranges[1], moving_low = ranges[2];                 \
     const T moving_scale = ranges[3], padding = ranges[4], top = ranges[5];                         \
     int bad = 0;                                                                                    \
-    for (int64_t first = start; first < stop; first += MATTES_BLOCK) {                              \
-        const int64_t count = stop - first < MATTES_BLOCK ? stop - first : MATTES_BLOCK;            \
-        int32_t fi[MATTES_BLOCK], mj[MATTES_BLOCK];                                                 \
-        T fw[4][MATTES_BLOCK], mw[4][MATTES_BLOCK];                                                 \
-        /* the arithmetic, vectorised over the block's samples */                                   \
-        for (int64_t k = 0; k < count; k++) {                                                       \
-            const int64_t q = first + k;                                                            \
-            const T x0 = pz[q], x1 = py[q], x2 = px[q];                                             \
-            const T z = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3];                                   \
-            const T y = c[4] * x0 + c[5] * x1 + c[6] * x2 + c[7];                                   \
-            const T x = c[8] * x0 + c[9] * x1 + c[10] * x2 + c[11];                                 \
-            T fz, fy, fx, dz = (T)0, dy = (T)0, dx = (T)0, f, m, wf[4], wm[4];                      \
-            int inside;                                                                             \
-            const int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                            \
-            const T value = value_##SUFFIX(volume, &g, p, fz, fy, fx);                              \
-            partials_##SUFFIX(volume, &g, p, z, y, x, fz, fy, fx, (T)1, &dz, &dy, &dx);             \
-            mv[q] = value; sz[q] = dz; sy[q] = dy; sx[q] = dx;                                      \
-            bad |= !(value == value) | !(fixed[q] == fixed[q]);                                     \
-            fi[k] = taps_##SUFFIX(fixed[q], fixed_low, fixed_scale, padding, top, &f, &inside);     \
-            mj[k] = taps_##SUFFIX(value, moving_low, moving_scale, padding, top, &m, &inside);      \
-            weights_##SUFFIX(f, wf);                                                                \
-            weights_##SUFFIX(m, wm);                                                                \
-            for (int a = 0; a < 4; a++) { fw[a][k] = wf[a]; mw[a][k] = wm[a]; }                     \
-        }                                                                                           \
-        /* the scatter into the table, one sample after another */                                  \
-        for (int64_t k = 0; k < count; k++) {                                                       \
-            for (int a = 0; a < 4; a++) {                                                           \
-                T *restrict row = joint + (fi[k] + a) * bins + mj[k];                               \
-                const T weight = fw[a][k];                                                          \
-                row[0] += weight * mw[0][k]; row[1] += weight * mw[1][k];                           \
-                row[2] += weight * mw[2][k]; row[3] += weight * mw[3][k];                           \
+    PAIRED_VERSIONS(g.sx == 1,                                                                      \
+        for (int64_t first = start; first < stop; first += MATTES_BLOCK) {                          \
+            const int64_t count = stop - first < MATTES_BLOCK ? stop - first : MATTES_BLOCK;        \
+            int32_t fi[MATTES_BLOCK], mj[MATTES_BLOCK];                                             \
+            T fw[4][MATTES_BLOCK], mw[4][MATTES_BLOCK];                                             \
+            /* the arithmetic, vectorised over the block's samples */                               \
+            for (int64_t k = 0; k < count; k++) {                                                   \
+                const int64_t q = first + k;                                                        \
+                const T x0 = pz[q], x1 = py[q], x2 = px[q];                                         \
+                const T z = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3];                               \
+                const T y = c[4] * x0 + c[5] * x1 + c[6] * x2 + c[7];                               \
+                const T x = c[8] * x0 + c[9] * x1 + c[10] * x2 + c[11];                             \
+                T fz, fy, fx, dz = (T)0, dy = (T)0, dx = (T)0, f, m, wf[4], wm[4];                  \
+                int inside;                                                                         \
+                const int32_t p = cell_##SUFFIX(&g, z, y, x, &fz, &fy, &fx);                        \
+                const T value = value_##SUFFIX(volume, &g, p, fz, fy, fx, PAIRED);                  \
+                partials_##SUFFIX(volume, &g, p, z, y, x, fz, fy, fx, (T)1, &dz, &dy, &dx, PAIRED); \
+                mv[q] = value; sz[q] = dz; sy[q] = dy; sx[q] = dx;                                  \
+                bad |= !(value == value) | !(fixed[q] == fixed[q]);                                 \
+                fi[k] = taps_##SUFFIX(fixed[q], fixed_low, fixed_scale, padding, top, &f, &inside); \
+                mj[k] = taps_##SUFFIX(value, moving_low, moving_scale, padding, top, &m, &inside);  \
+                weights_##SUFFIX(f, wf);                                                            \
+                weights_##SUFFIX(m, wm);                                                            \
+                for (int a = 0; a < 4; a++) { fw[a][k] = wf[a]; mw[a][k] = wm[a]; }                 \
+            }                                                                                       \
+            /* the scatter into the table, one sample after another */                              \
+            for (int64_t k = 0; k < count; k++) {                                                   \
+                for (int a = 0; a < 4; a++) {                                                       \
+                    T *restrict row = joint + (fi[k] + a) * bins + mj[k];                           \
+                    const T weight = fw[a][k];                                                      \
+                    row[0] += weight * mw[0][k]; row[1] += weight * mw[1][k];                       \
+                    row[2] += weight * mw[2][k]; row[3] += weight * mw[3][k];                       \
+                }                                                                                   \
             }                                                                                       \
         }                                                                                           \
-    }                                                                                               \
+    )                                                                                               \
     return bad;                                                                                     \
 }                                                                                                   \
                                                                                                     \

@@ -23,6 +23,9 @@ Markdown table with fp32 / fp64 per part:
 - Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update), C filter and BLAS;
 - the precision controller's observation of SyN's state (two fields and their gradients), with
   the C statistics pass and with the numba one;
+- one whole rigid iteration at the coarsest level (evaluate, step, the controller's observation),
+  with the compiled call (`linear_parameters`) and with the torch operations and autograd that
+  CUDA and the emulated formats run;
 - the sampler's parts again with the sampler built with -DSAMPLER_SINGLE_LOADS ("corners loaded
   one by one"), where float32 otherwise loads a cell's two x-neighbours as one 8-byte value: the
   gathers this saves are float32's whole gain in those rows.
@@ -63,7 +66,7 @@ from dynomp.registration.metrics import (
 from dynomp.registration.parzen import LinearInformation
 from dynomp.registration.pipeline import SymmetricProblem
 from dynomp.registration.precision import PrecisionSetting
-from dynomp.registration.pyramid import smooth
+from dynomp.registration.pyramid import build_level, smooth
 from dynomp.registration.transforms import compose, identity_coordinates, sample, warp
 
 
@@ -236,6 +239,37 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
                 pipeline.update_kernels = kept
         return run
 
+    # one whole rigid iteration at the coarsest level (shrink 8: 126 MI samples on the benchmark pair's
+    # grid), as optimize_level runs it: evaluate, step, observe
+    affine = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64))
+    coarse = pipeline._Images(fixed=build_level(fixed.double(), affine, shrink_factor=8, sigma=3.0),
+                              moving=build_level(moving.double(), affine, shrink_factor=8, sigma=3.0))
+    rigid = next(stage for stage in paper_config().stages if stage.name == "rigid")
+    rigid_setting = PrecisionSetting("fp64" if dtype == torch.float64 else "fp32", device="cpu",
+                                     config=paper_config().precision)
+    rigid_setting.start_level()
+    center = torch.tensor([float(n - 1) * 1.5 for n in shape], dtype=torch.float64)
+    rigid_problem = pipeline.LinearProblem(
+        kind="rigid", images=coarse, parameters=torch.tensor([0.02, -0.01, 0.03, 1.0, -2.0, 0.5], dtype=torch.float64),
+        center=center, loss=build_loss("mi", fixed=coarse.fixed.data, moving=coarse.moving.data, bins=32,
+                                       sampling_fraction=rigid.sampling_fraction, seed=0),
+        learning_rate=rigid.learning_rate, setting=rigid_setting, relaxation=rigid.relaxation,
+    )
+    start = rigid_problem.parameters.clone()
+
+    def rigid_iteration() -> None:
+        rigid_problem.parameters = start
+        _, gradients = rigid_problem.evaluate()
+        rigid_problem.step(gradients)
+        rigid_setting.observe(rigid_problem.state(), gradients)
+
+    def torch_rigid_iteration() -> None:
+        kept, rigid_problem.information = rigid_problem.information, None
+        try:
+            rigid_iteration()
+        finally:
+            rigid_problem.information = kept
+
     controller = PrecisionController(["fp32", "fp64"], 5, "native", initial_format="fp64")
     state, gradients = [field, field * 0.5], [update, update * 0.5]
     controller.observe(state, gradients)
@@ -266,6 +300,8 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         "controller observe (2 fields + 2 gradients)": lambda: controller.observe(state, gradients),
         "controller observe, numba statistics": numba_statistics(lambda: controller.observe(state, gradients)),
         "linear map: sample + MI + dMI/dC, fused, corners loaded one by one": linear_fused_single,
+        "rigid iteration at the coarsest level (evaluate, step, observe), compiled": rigid_iteration,
+        "rigid iteration at the coarsest level, torch operations and autograd": torch_rigid_iteration,
     }
 
 

@@ -245,14 +245,15 @@ _PYTHON_SUMS_BELOW = 16
 
 def _python_sums(flat: torch.Tensor, other: torch.Tensor, *, keep: bool,
                  destination: torch.Tensor | None) -> tuple[float, float, float]:
-    """`_compiled_sums` of a few elements, in Python floats: the same values bit for bit."""
+    """`_compiled_sums` of a few elements, in Python floats: the same values bit for bit. With
+    `keep`, `destination` (the caller's b) becomes a."""
     squares = differences = largest = 0.0
     for value, previous in zip(flat.tolist(), other.tolist(), strict=True):
         difference = value - previous
         squares += value * value
         differences += difference * difference
         largest = max(largest, abs(value))  # a NaN is passed over, as C's comparison passes it
-    if keep and destination is not None:
+    if keep:
         destination.copy_(flat.reshape(destination.shape))
     largest = math.nan if math.isnan(squares) else largest
     return squares, differences, largest

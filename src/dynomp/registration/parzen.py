@@ -233,7 +233,6 @@ class LinearInformation:
         )
         return information, gradient
 
-
     def loss_and_gradient(self, parameters: torch.Tensor, kind: str) -> tuple[float, torch.Tensor]:
         """-MI and its gradient with respect to a rigid (three angles, R = Rz Ry Rx) or affine (3 x 3
         matrix, row-major) parameter vector followed by the translation, of the transform

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/registration.py [--threads 2] [--preset paper] [--seed 0] [--repeats 1]
         [--device cpu|cuda] [--arms ants-fp64 ants-fp32 dipy fp64 fp32 dynomp] [--out results/benchmarks/registration.json]
-        [--execution native|virtual] [--reference-losses]
+        [--execution native|virtual] [--reference-losses] [--against REV]
 
 The pair is built from the MNI152 2009a template that nilearn ships (T1, GM and WM maps at 1 mm):
 resampled to 3 mm, labelled CSF/GM/WM x left/right (six labels, split at the midline x = 0), and
@@ -23,6 +23,11 @@ Arms: antsRegistration (antspyx) with `--float 0` and `--float 1`, DIPY (MI affi
 SymmetricDiffeomorphicRegistration with CCMetric radius 4) and the engine's fp64, fp32 and dynomp
 arms. ANTs and the engine run the same `RegistrationConfig` (the paper's command by default);
 DIPY runs the same pyramid and iteration limits in its own optimisers.
+
+`--against REV` measures a change: the engine arms also run from the commit REV (checked out in a
+temporary git worktree, its own code and its own copy of this script), each round running both
+versions of an arm back to back in alternating order, and a second table gives this tree's time,
+peak memory and final losses against REV's, arm by arm.
 """
 
 from __future__ import annotations
@@ -539,6 +544,56 @@ def markdown_tables(results: dict[str, dict[str, Any]], *, device: str = "cpu") 
     return "\n".join(lines), {name: {"value": value, "target": target} for name, (value, target) in checks.items()}
 
 
+def checkout(revision: str, folder: Path) -> str:
+    """Check `revision` of this repository out into `folder` (a detached git worktree); return its
+    commit. ValueError, naming the revision, where git cannot."""
+    repository = Path(__file__).resolve().parents[1]
+    found = subprocess.run(["git", "-C", str(repository), "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+                           capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        raise ValueError(f"--against: {revision!r} is not a commit of {repository}")
+    commit = found.stdout.strip()
+    added = subprocess.run(["git", "-C", str(repository), "worktree", "add", "--detach", "--quiet", str(folder), commit],
+                           capture_output=True, text=True, check=False)
+    if added.returncode != 0:
+        message = (added.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"--against: git could not check out {revision!r}: {message}")
+    return commit
+
+
+def remove_checkout(folder: Path) -> None:
+    """Remove the worktree `checkout` made (and git's record of it)."""
+    repository = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "-C", str(repository), "worktree", "remove", "--force", str(folder)],
+                   capture_output=True, check=False)
+
+
+def comparison_table(results: dict[str, dict[str, Any]], base: dict[str, dict[str, Any]], revision: str) -> str:
+    """This tree's engine arms against the same arms run from `revision`: medians, the ratio of
+    medians, the median of the per-round ratios, peak memory, and the largest relative final-loss
+    difference between the two versions."""
+    header = (f"| arm | this tree s | {revision} s | ratio of medians | median of per-round ratios | "
+              f"peak MB, this tree / {revision} | largest relative final-loss difference | "
+              f"mean Dice, this tree / {revision} |")
+    lines = [header, "|---|---:|---:|---:|---:|---|---:|---|"]
+    for arm, row in results.items():
+        if arm not in base:
+            continue
+        old = base[arm]
+        new_runs = [run["seconds"] for run in row["runs"]]
+        old_runs = [run["seconds"] for run in old["runs"]]
+        paired = (statistics.median(n / o for n, o in zip(new_runs, old_runs, strict=True))
+                  if len(new_runs) == len(old_runs) else math.nan)
+        differences = relative_loss_differences(row["final_losses"], old["final_losses"])
+        largest = max(differences.values(), default=math.nan)
+        lines.append(
+            f"| {arm} | {row['seconds']:.3f} | {old['seconds']:.3f} | {row['seconds'] / old['seconds']:.3f} | "
+            f"{paired:.3f} | {row['peak_bytes_above_baseline'] / 2**20:.1f} / "
+            f"{old['peak_bytes_above_baseline'] / 2**20:.1f} | {largest:.1e} | {row['dice']:.4f} / {old['dice']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One arm's repeated runs as one row: the run of median time, with the median peak memory.
 
@@ -573,6 +628,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each engine arm, interleaved; the median is reported (ANTs and DIPY run once)")
+    parser.add_argument("--against", metavar="REV",
+                        help="also run the engine arms from this commit (a temporary git worktree), "
+                             "interleaved with this tree's, and compare the two arm by arm")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/registration.json"))
     parser.add_argument("--run-arm", help=argparse.SUPPRESS)
     parser.add_argument("--pair", type=Path, help=argparse.SUPPRESS)
@@ -595,36 +653,73 @@ def main() -> None:
     )
     peers = [arm for arm in args.arms if arm in PEER_ARMS]
     engines = [arm for arm in args.arms if arm in ENGINE_ARMS]
-    schedule = peers + engines * args.repeats
+    if args.against and not engines:
+        parser.error("--against: no engine arm among --arms")
+    # (arm, script, source folder or None for this tree's); with --against each engine arm runs
+    # from both trees in turn, the order alternating by round
+    here = Path(__file__).resolve()
+    schedule: list[tuple[str, Path, Path | None]] = [(arm, here, None) for arm in peers]
     runs: dict[str, list[dict[str, Any]]] = {}
+    base_runs: dict[str, list[dict[str, Any]]] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dynomp-bench-pair-") as work:
         folder = Path(work)
+        base_commit = None
+        if args.against:
+            base_tree = folder / "base"
+            try:
+                base_commit = checkout(args.against, base_tree)
+            except ValueError as error:
+                parser.error(str(error))
+            print(f"against {args.against} ({base_commit[:12]}), checked out in {base_tree}", flush=True)
+        for round_ in range(args.repeats):
+            for arm in engines:
+                pair_of_runs = [(arm, here, None)]
+                if base_commit is not None:
+                    base_run = (arm, base_tree / "benchmarks" / "registration.py", base_tree / "src")
+                    pair_of_runs = [pair_of_runs[0], base_run] if round_ % 2 == 0 else [base_run, pair_of_runs[0]]
+                schedule.extend(pair_of_runs)
         pair = build_pair(seed=args.seed)
         write_pair(pair, folder)
         before, _ = mean_dice(pair["fixed_labels"], pair["moving_labels"])
         print(f"pair: {pair['fixed'].shape} voxels of {VOXEL_MM:g} mm, mean Dice before registration "
               f"{before:.4f}", flush=True)
-        for arm in schedule:
-            arm_out = folder / f"{arm}.json"
-            completed = subprocess.run(
-                [sys.executable, __file__, "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
-                 "--preset", args.preset, "--threads", str(args.threads), "--device", args.device,
-                 "--execution", args.execution, *(["--reference-losses"] if args.reference_losses else [])],
-                env=environment, capture_output=True, text=True, check=False,
-            )
-            if completed.returncode != 0:
-                tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-                print(f"{arm}: failed (exit {completed.returncode}): {tail}", flush=True)
-                continue
-            row = json.loads(arm_out.read_text())
-            runs.setdefault(arm, []).append(row)
-            print(f"{arm}: {row['seconds']:.1f} s, {row['peak_bytes_above_baseline'] / 2**20:.1f} MB, "
-                  f"Dice {row['dice']:.4f}", flush=True)
+        try:
+            for arm, script, source in schedule:
+                arm_out = folder / f"{arm}.json"
+                child_environment = environment
+                if source is not None:
+                    child_environment = dict(environment, PYTHONPATH=os.pathsep.join(
+                        [str(source), *filter(None, [environment.get("PYTHONPATH")])]))
+                label = arm if source is None else f"{arm} ({args.against})"
+                completed = subprocess.run(
+                    [sys.executable, str(script), "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
+                     "--preset", args.preset, "--threads", str(args.threads), "--device", args.device,
+                     "--execution", args.execution, *(["--reference-losses"] if args.reference_losses else [])],
+                    env=child_environment, capture_output=True, text=True, check=False,
+                )
+                if completed.returncode != 0:
+                    tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"{label}: failed (exit {completed.returncode}): {tail}", flush=True)
+                    continue
+                row = json.loads(arm_out.read_text())
+                (runs if source is None else base_runs).setdefault(arm, []).append(row)
+                print(f"{label}: {row['seconds']:.1f} s, {row['peak_bytes_above_baseline'] / 2**20:.1f} MB, "
+                      f"Dice {row['dice']:.4f}", flush=True)
+        finally:
+            if base_commit is not None:
+                remove_checkout(base_tree)
     results = {arm: median_run(runs[arm]) for arm in args.arms if arm in runs}
     table, checks = markdown_tables(results, device=args.device)
     print()
     print(table)
+    against = None
+    if base_commit is not None:
+        base_results = {arm: median_run(base_runs[arm]) for arm in engines if arm in base_runs}
+        comparison = comparison_table(results, base_results, args.against)
+        print()
+        print(comparison)
+        against = {"revision": args.against, "commit": base_commit, "results": base_results, "table": comparison}
     write_json_atomic(args.out, {
         "command": " ".join(["benchmarks/registration.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
@@ -633,6 +728,7 @@ def main() -> None:
         "pair": {"shape": list(pair["fixed"].shape), "voxel_mm": VOXEL_MM, "seed": args.seed,
                  "dice_before": before},
         "preset": args.preset, "execution": args.execution, "results": results, "checks": checks, "table": table,
+        "against": against,
     })
 
 

@@ -248,6 +248,64 @@ def test_freed_heap_pages_go_back_to_the_system():
     assert resident_mb() < before - 8.0
 
 
+_HEAP_PROBE = """
+import json, resource, torch
+from dynomp.registration.pipeline import reused_heap
+
+def faults_per_round(rounds=8):
+    # 40 MiB, above glibc's largest mmap threshold: by default a fresh mapping every time
+    counts = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = torch.ones(5 * 2**20, dtype=torch.float64)
+        del block
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counts
+
+def resident_mb():
+    with open("/proc/self/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+
+found = {"outside": faults_per_round()}
+with reused_heap():
+    found["inside"] = faults_per_round()
+    found["holding"] = resident_mb()
+found["released"] = resident_mb()
+try:
+    with reused_heap():
+        faults_per_round(2)
+        found["holding_before_error"] = resident_mb()
+        raise RuntimeError("inside")
+except RuntimeError:
+    found["released_after_error"] = resident_mb()
+print(json.dumps(found))
+"""
+
+
+def test_a_registration_reuses_freed_pages_and_hands_them_back_at_the_end():
+    import json
+    import subprocess
+    import sys
+
+    from dynomp.registration.pipeline import _libc_function
+
+    if _libc_function("mallopt") is None:
+        pytest.skip("the C library has no mallopt (not glibc)")
+    # a fresh process: where glibc puts a block depends on the heap's free lists, which the tests
+    # before this one would have left in any state
+    found = json.loads(subprocess.run([sys.executable, "-c", _HEAP_PROBE], check=True, capture_output=True,
+                                      text=True).stdout)
+    # outside: every round touches 10,240 new pages
+    assert min(found["outside"]) > 8000
+    # inside: pages once touched are reused. A round may take a block of its own rather than the
+    # one the round before freed (torch asks for a little more than that block's size, to align),
+    # so a few rounds touch new pages, then none do
+    assert sum(found["inside"]) < 4 * 10240 and found["inside"][-1] < 500
+    # on leaving, after an error too, the pages kept go back to the system
+    assert found["released"] < found["holding"] - 30.0
+    assert found["released_after_error"] < found["holding_before_error"] - 30.0
+
+
 def test_work_is_split_over_torch_threads_and_covers_every_point_once():
     from dynomp.threads import run_split
 

@@ -88,21 +88,59 @@ INVERSION_DAMPING = 0.5
 
 
 @functools.cache
-def _malloc_trim() -> Any:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+def _libc_function(name: str) -> Any:
+    """glibc's function `name` (malloc_trim, mallopt), or None where the C library has none (musl,
+    macOS, Windows)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
 
-def release_free_memory() -> None:
-    """Hand the heap pages that freed tensors left behind back to the system.
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None where the C library has none."""
+    return _libc_function("malloc_trim")
 
-    glibc keeps freed blocks for reuse, and after a level's many volume-sized temporaries the
-    process held 2-3x its live memory; trimming at each level boundary keeps the resident size
-    close to what the current level needs (measured in docs/benchmarks.md).
+
+# mallopt's parameters (malloc.h) and glibc's defaults for the two that `reused_heap` sets
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# free memory at the heap's top that glibc may keep while registering
+_REGISTRATION_TRIM_THRESHOLD = 1 << 30
+
+
+@contextlib.contextmanager
+def reused_heap() -> Any:
+    """Keep freed memory in the process for the next allocation while registering.
+
+    An iteration allocates and frees volume-sized temporaries (box sums, warps, fields). By
+    default glibc serves blocks above its mmap threshold (128 KiB, rising to 32 MiB as such blocks
+    are freed) with fresh mappings that it unmaps on free, and trims its heap's top past a
+    threshold: each iteration's temporaries were new pages, zeroed by the kernel on first touch
+    (page faults and system time in proportion to the bytes; measured in docs/benchmarks.md).
+    Inside this context every block comes from the heap and nothing is trimmed, so an iteration
+    reuses the pages of the one before. The peak resident size is unchanged, since a level's
+    temporaries are freed and reused, not added up. On exit glibc's defaults for the two settings
+    are restored (the mmap threshold then stays where it was, no longer adjusting itself) and the
+    free pages go back to the system. Does nothing where the C library is not glibc.
     """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, _REGISTRATION_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand the heap pages that freed tensors left behind back to the system (glibc's
+    malloc_trim; nothing elsewhere)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -466,6 +504,12 @@ def _initial_parameters(kind: str, transform: torch.Tensor, center: torch.Tensor
 def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precision: str,
                   device: str | torch.device = "cpu") -> RegistrationResult:
     """Register `moving` to `fixed` (objects with .data and .affine) with the engine arm `precision`."""
+    with reused_heap():
+        return _register_pair(fixed=fixed, moving=moving, config=config, precision=precision, device=device)
+
+
+def _register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precision: str,
+                   device: str | torch.device) -> RegistrationResult:
     device = torch.device(device)
     started = time.perf_counter()
     if config.threads:
@@ -509,7 +553,6 @@ def register_pair(*, fixed: Any, moving: Any, config: RegistrationConfig, precis
         diverged_at = {"stage": error.stage, "level": error.level, "iteration": error.iteration}
 
     shape = tuple(fixed_data.shape)
-    release_free_memory()
     if not syn_fields:
         forward_field = torch.zeros(dimensions, *shape, dtype=torch.float64, device=device)
         backward_field = forward_field
@@ -601,7 +644,6 @@ def _linear_stage(stage: StageConfig, *, transform: torch.Tensor, center: torch.
     dimensions = pyramid.fixed.dim()
     parameters = _initial_parameters(stage.name, transform, center, dimensions)
     for level in range(stage.levels):
-        release_free_memory()
         images = pyramid.level(stage, level)
         loss = build_loss(
             stage.metric, fixed=images.fixed.data, moving=images.moving.data,
@@ -638,7 +680,6 @@ def _symmetric_stage(stage: StageConfig, *, transform: torch.Tensor, pyramid: _P
     # the fields stay in the arm's format between levels (no float64 copies held beside them)
     fixed_field = moving_field = None
     for level in range(stage.levels):
-        release_free_memory()
         images = pyramid.level(stage, level)
         shape = tuple(images.fixed.data.shape)
         # the moving image, affinely aligned, on this level's fixed grid

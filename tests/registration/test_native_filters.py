@@ -66,6 +66,33 @@ def test_c_filter_gives_scipy_numbers(generator, dtype, edges, shape):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("edges", ["replicate", "zeros"])
+@pytest.mark.parametrize("shape", [(3, 21, 18, 40), (2, 7, 1, 5), (1, 3, 70, 2), (5, 30, 41, 37), (2, 1, 1, 1)])
+def test_three_axes_in_one_call_give_the_calls_per_axis_numbers_bit_for_bit(monkeypatch, generator, dtype,
+                                                                             edges, shape):
+    pyramid.filter_kernels()
+    whole = pyramid._volume_filter_kernels[dtype]
+    calls = []
+    monkeypatch.setitem(pyramid._volume_filter_kernels, dtype, lambda *arguments: calls.append(1) or whole(*arguments))
+    volume = (torch.rand(*shape, dtype=torch.float64, generator=generator) * 10.0 - 3.0).to(dtype)
+    # a Gaussian wider than some axes (radius 9), a box, and kernels that differ by axis
+    for kernels in ([gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()] * 3,
+                    [[1.0] * 9] * 3,
+                    [[0.5, -1.0, 2.0], [1.0], [1.0, 0.25, 3.0, -0.5, 0.125]]):
+        calls.clear()
+        ours = separable_filter(volume, kernels, edges=edges, dimensions=3)
+        assert calls == [1], "all three axes given: the one-call filter runs"
+        by_axis = volume
+        for axis, kernel in enumerate(kernels):
+            alone = [None] * 3
+            alone[axis] = kernel
+            by_axis = separable_filter(by_axis, alone, edges=edges, dimensions=3)
+        assert calls == [1], "one axis at a time: the per-axis filter runs"
+        assert ours.dtype == dtype and torch.equal(ours, by_axis)
+
+
+@needs_compiler
 def test_box_sum_counts_every_voxel_of_the_box_exactly():
     ones = torch.ones(2, 12, 9, 10, dtype=torch.float32)
     counts = box_sum(ones, radius=4, dimensions=3)

@@ -199,6 +199,98 @@ void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, in
     free(scratch);                                                                                 \
 }
 
+/* All three axes of 3-D volumes in one call, plane by plane: output plane i of a volume is the
+ * z taps over input planes i - rz .. i + rz, then the y taps over that plane, then the x taps
+ * along its rows (lines_, as filter_axis runs the last axis), while the plane and its neighbours
+ * are in cache. filter_axis, one call per axis, reads and writes every value three times and
+ * allocates two volume-sized intermediates; here each input plane is read from cache as the
+ * window slides, and each output value is written once. The arithmetic is filter_axis's,
+ * operation for operation: each output starts at 0 and adds taps[k] * value for k = 0 .. 2r in
+ * order, an index outside the axis is clamped to the edge (replicate) or its term is left out
+ * (zeros: filter_axis adds taps[k] * 0, which leaves a sum that started at +0 unchanged), so the
+ * values are the same bit for bit. `in` is batch x d x h x w; so is `out`, which must not overlap
+ * it. Returns 0, or -1 where the plane buffers cannot be allocated (nothing is written then). */
+#define DEFINE_VOLUME_FILTER(T, SUFFIX)                                                            \
+/* m <= BLOCK outputs, each the sum over k of taps[k] * rows[k][offset + e] */                     \
+INLINE void list_block_##SUFFIX(const T *const *rows, int64_t offset, T *restrict out, int64_t m,  \
+                                const T *restrict taps, int64_t count) {                           \
+    T acc[BLOCK];                                                                                  \
+    for (int64_t e = 0; e < m; ++e) acc[e] = (T)0;                                                 \
+    for (int64_t k = 0; k < count; ++k) {                                                          \
+        const T t = taps[k];                                                                       \
+        const T *restrict row = rows[k] + offset;                                                  \
+        for (int64_t e = 0; e < m; ++e) acc[e] += t * row[e];                                      \
+    }                                                                                              \
+    for (int64_t e = 0; e < m; ++e) out[e] = acc[e];                                               \
+}                                                                                                  \
+                                                                                                   \
+/* n outputs from the rows a tap list reads (taps_span with a row per tap instead of a stride) */  \
+static SPAN void list_span_##SUFFIX(const T *const *rows, T *restrict out, int64_t n,              \
+                                    const T *restrict taps, int64_t count) {                       \
+    int64_t e0 = 0;                                                                                \
+    for (; e0 + BLOCK <= n; e0 += BLOCK) list_block_##SUFFIX(rows, e0, out + e0, BLOCK, taps, count); \
+    for (; e0 + QUARTER <= n; e0 += QUARTER)                                                       \
+        list_block_##SUFFIX(rows, e0, out + e0, QUARTER, taps, count);                             \
+    if (n > e0) list_block_##SUFFIX(rows, e0, out + e0, n - e0, taps, count);                      \
+}                                                                                                  \
+                                                                                                   \
+/* output row i (n values) of an axis of `length` rows `stride` apart from `first`: one span */    \
+/* where every tap is inside, else the rows the taps read listed (clamped, or left out) */         \
+static void axis_row_##SUFFIX(const T *first, T *out, int64_t n, int64_t stride, int64_t i,        \
+                              int64_t length, const T *taps, int64_t radius, int32_t replicate) {  \
+    if (i - radius >= 0 && i + radius < length) {                                                  \
+        taps_span_##SUFFIX(first + (i - radius) * stride, out, n, stride, taps, 2 * radius + 1);   \
+        return;                                                                                    \
+    }                                                                                              \
+    const T *rows[2 * radius + 1];                                                                 \
+    T kept[2 * radius + 1];                                                                        \
+    int64_t count = 0;                                                                             \
+    for (int64_t k = 0; k <= 2 * radius; ++k) {                                                    \
+        int64_t j = i + k - radius;                                                                \
+        if (j < 0 || j >= length) {                                                                \
+            if (!replicate) continue;                                                              \
+            j = j < 0 ? 0 : length - 1;                                                            \
+        }                                                                                          \
+        rows[count] = first + j * stride;                                                          \
+        kept[count++] = taps[k];                                                                   \
+    }                                                                                              \
+    list_span_##SUFFIX(rows, out, n, kept, count);                                                 \
+}                                                                                                  \
+                                                                                                   \
+int filter_volume_##SUFFIX(const T *in, T *out, int64_t batch, int64_t d, int64_t h, int64_t w,   \
+                           const T *taps_z, int64_t rz, const T *taps_y, int64_t ry,              \
+                           const T *taps_x, int64_t rx, int32_t replicate) {                      \
+    const int64_t plane = h * w, planes = batch * d, work = planes * plane;                        \
+    const int64_t low = ry < h ? ry : h, high = h - ry > low ? h - ry : low;                       \
+    const int64_t widest = low > h - high ? low : h - high, edge_size = (widest + 2 * ry) * w;     \
+    const int64_t packed_size = h * (w + 2 * rx), each = 2 * plane + 2 * packed_size + edge_size;  \
+    const int64_t parts = work >= PARALLEL_MINIMUM ? threads() : 1;                                \
+    T *buffers = malloc(sizeof(T) * (size_t)each * (size_t)parts);                                 \
+    if (buffers == NULL) return -1;                                                                \
+    PARALLEL_REGION(work) {                                                                        \
+        const int64_t part = thread(), team_size = team();                                         \
+        T *z_plane = buffers + each * part, *y_plane = z_plane + plane;                            \
+        T *packed = y_plane + plane, *filtered = packed + packed_size, *edge = filtered + packed_size; \
+        /* consecutive planes per thread, so that the z window slides through its cache */         \
+        const int64_t first = planes * part / team_size, last = planes * (part + 1) / team_size;   \
+        for (int64_t p = first; p < last; ++p) {                                                   \
+            const int64_t i = p % d;                                                               \
+            axis_row_##SUFFIX(in + (p - i) * plane, z_plane, plane, plane, i, d, taps_z, rz,       \
+                              replicate);                                                          \
+            /* the y taps as filter_axis runs them on a plane: the rows with every tap inside as */ \
+            /* one span, the edge rows at each end from a padded copy */                          \
+            if (high > low)                                                                        \
+                taps_span_##SUFFIX(z_plane + (low - ry) * w, y_plane + low * w, (high - low) * w,  \
+                                   w, taps_y, 2 * ry + 1);                                         \
+            edge_rows_##SUFFIX(z_plane, y_plane, edge, 0, low, h, w, taps_y, ry, replicate);       \
+            edge_rows_##SUFFIX(z_plane, y_plane, edge, high, h, h, w, taps_y, ry, replicate);      \
+            lines_##SUFFIX(y_plane, out + p * plane, packed, filtered, h, w, taps_x, rx, replicate); \
+        }                                                                                          \
+    }                                                                                              \
+    free(buffers);                                                                                 \
+    return 0;                                                                                      \
+}
+
 /* Local CC's pointwise passes (metrics.py's _LocalCrossCorrelation), fused: the five maps it
  * box-sums, then from their box sums the clamped correlation of every window and the seven maps
  * whose box sums make the gradient, then the gradients; each a single pass in the volume's type,
@@ -326,6 +418,8 @@ void cc_gradient_##SUFFIX(const T *f, const T *m, const T *sums, int64_t n, T sc
 
 DEFINE_FILTER(float, f32)
 DEFINE_FILTER(double, f64)
+DEFINE_VOLUME_FILTER(float, f32)
+DEFINE_VOLUME_FILTER(double, f64)
 DEFINE_CORRELATION(float, f32)
 DEFINE_CORRELATION(double, f64)
 

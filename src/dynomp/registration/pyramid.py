@@ -92,7 +92,11 @@ def filter_axes(volume: torch.Tensor, matrices: Sequence[torch.Tensor | None], *
 
 _FILTER_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32]
+_VOLUME_FILTER_ARGUMENTS = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4,
+                            *[ctypes.c_void_p, ctypes.c_int64] * 3, ctypes.c_int32]
 _filter_kernels: dict[torch.dtype, Any] | None = None
+# the three axes of 3-D volumes in one call (`filter_volume`), by dtype, loaded with the above
+_volume_filter_kernels: dict[torch.dtype, Any] = {}
 
 
 def filter_kernels() -> dict[torch.dtype, Any]:
@@ -107,6 +111,9 @@ def filter_kernels() -> dict[torch.dtype, Any]:
                 kernel = getattr(library, f"filter_axis_{suffix}")
                 kernel.argtypes, kernel.restype = _FILTER_ARGUMENTS, None
                 _filter_kernels[dtype] = kernel
+                whole = getattr(library, f"filter_volume_{suffix}")
+                whole.argtypes, whole.restype = _VOLUME_FILTER_ARGUMENTS, ctypes.c_int
+                _volume_filter_kernels[dtype] = whole
     return _filter_kernels
 
 
@@ -155,13 +162,23 @@ def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | N
         return filter_axes(volume, matrices, dimensions=dimensions)
     result = volume.detach().contiguous()
     batch = result.numel() // max(1, math.prod(spatial))
+    replicate = int(edges == "replicate")
+    whole = _volume_filter_kernels.get(volume.dtype) if dimensions == 3 else None
+    if whole is not None and all(kernel is not None for kernel in kernels):
+        # all three axes plane by plane in one call: the same numbers as the calls per axis below
+        taps = [_taps_tensor(tuple(float(value) for value in kernel), volume.dtype) for kernel in kernels]
+        axes = [argument for tensor, kernel in zip(taps, kernels, strict=True)
+                for argument in (tensor.data_ptr(), len(kernel) // 2)]
+        out = torch.empty_like(result)
+        if whole(result.data_ptr(), out.data_ptr(), batch, *spatial, *axes, replicate) == 0:
+            return out
     for axis, kernel in enumerate(kernels):
         if kernel is None:
             continue
         taps = _taps_tensor(tuple(float(value) for value in kernel), volume.dtype)
         out = torch.empty_like(result)
         function(result.data_ptr(), out.data_ptr(), batch * math.prod(spatial[:axis]), spatial[axis],
-                 math.prod(spatial[axis + 1:]), taps.data_ptr(), len(kernel) // 2, int(edges == "replicate"))
+                 math.prod(spatial[axis + 1:]), taps.data_ptr(), len(kernel) // 2, replicate)
         result = out
     return result
 

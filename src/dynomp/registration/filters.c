@@ -54,6 +54,14 @@ static int thread(void) { return 0; }
 static int team(void) { return 1; }
 #endif
 
+/* the row a tap at index j of an axis of `length` rows reads: j, clamped to the edge (replicate), */
+/* or -1 where it lies outside and contributes nothing (zeros) */
+static inline int64_t tap_row(int64_t j, int64_t length, int32_t replicate) {
+    if (j >= 0 && j < length) return j;
+    if (!replicate) return -1;
+    return j < 0 ? 0 : length - 1;
+}
+
 #define DEFINE_FILTER(T, SUFFIX)                                                                   \
 /* m <= BLOCK outputs, each the sum over taps k of taps[k] * in[k * stride + e], accumulated in */  \
 /* a block; inlined, and called with a constant m, the block's accumulators stay in vector */    \
@@ -91,16 +99,12 @@ static void edge_rows_##SUFFIX(const T *plane, T *target, T *scratch, int64_t fi
                                int32_t replicate) {                                                \
     if (last <= first) return;                                                                     \
     for (int64_t q = 0; q < last - first + 2 * radius; ++q) {                                      \
-        int64_t j = first - radius + q;                                                            \
+        const int64_t j = tap_row(first - radius + q, length, replicate);                          \
         T *row = scratch + q * inner;                                                              \
-        if (j < 0 || j >= length) {                                                                \
-            if (!replicate) {                                                                      \
-                memset(row, 0, sizeof(T) * (size_t)inner);                                         \
-                continue;                                                                          \
-            }                                                                                      \
-            j = j < 0 ? 0 : length - 1;                                                            \
-        }                                                                                          \
-        memcpy(row, plane + j * inner, sizeof(T) * (size_t)inner);                                 \
+        if (j < 0)                                                                                 \
+            memset(row, 0, sizeof(T) * (size_t)inner);                                             \
+        else                                                                                       \
+            memcpy(row, plane + j * inner, sizeof(T) * (size_t)inner);                             \
     }                                                                                              \
     taps_span_##SUFFIX(scratch, target + first * inner, (last - first) * inner, inner, taps,       \
                        2 * radius + 1);                                                            \
@@ -184,11 +188,8 @@ void filter_axis_##SUFFIX(const T *in, T *out, int64_t outer, int64_t length, in
                 T *row = target + i * inner;                                                       \
                 for (int64_t e = 0; e < inner; ++e) row[e] = (T)0;                                 \
                 for (int64_t k = 0; k <= 2 * radius; ++k) {                                        \
-                    int64_t j = i + k - radius;                                                    \
-                    if (j < 0 || j >= length) {                                                    \
-                        if (!replicate) continue;                                                  \
-                        j = j < 0 ? 0 : length - 1;                                                \
-                    }                                                                              \
+                    const int64_t j = tap_row(i + k - radius, length, replicate);                  \
+                    if (j < 0) continue;                                                           \
                     const T t = taps[k];                                                           \
                     const T *source = plane + j * inner;                                           \
                     for (int64_t e = 0; e < inner; ++e) row[e] += t * source[e];                   \
@@ -246,11 +247,8 @@ static void axis_row_##SUFFIX(const T *first, T *out, int64_t n, int64_t stride,
     T kept[2 * radius + 1];                                                                        \
     int64_t count = 0;                                                                             \
     for (int64_t k = 0; k <= 2 * radius; ++k) {                                                    \
-        int64_t j = i + k - radius;                                                                \
-        if (j < 0 || j >= length) {                                                                \
-            if (!replicate) continue;                                                              \
-            j = j < 0 ? 0 : length - 1;                                                            \
-        }                                                                                          \
+        const int64_t j = tap_row(i + k - radius, length, replicate);                              \
+        if (j < 0) continue;                                                                       \
         rows[count] = first + j * stride;                                                          \
         kept[count++] = taps[k];                                                                   \
     }                                                                                              \

@@ -271,6 +271,11 @@ with reused_heap():
     found["inside"] = faults_per_round()
     found["holding"] = resident_mb()
 found["released"] = resident_mb()
+with reused_heap():
+    with reused_heap():
+        faults_per_round(3)
+    # the inner context left, the outer one still holds the settings and the pages
+    found["after_inner"] = faults_per_round(4)
 try:
     with reused_heap():
         faults_per_round(2)
@@ -301,6 +306,8 @@ def test_a_registration_reuses_freed_pages_and_hands_them_back_at_the_end():
     # one the round before freed (torch asks for a little more than that block's size, to align),
     # so a few rounds touch new pages, then none do
     assert sum(found["inside"]) < 4 * 10240 and found["inside"][-1] < 500
+    # nested (or in several threads), the last to leave restores the defaults
+    assert max(found["after_inner"]) < 500
     # on leaving, after an error too, the pages kept go back to the system
     assert found["released"] < found["holding"] - 30.0
     assert found["released_after_error"] < found["holding_before_error"] - 30.0

@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 # free memory at the heap's top that glibc may keep while registering
 _REGISTRATION_TRIM_THRESHOLD = 1 << 30
+# registrations inside `reused_heap` now, and the lock that guards the count
+_heap_users = 0
+_heap_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -120,22 +124,32 @@ def reused_heap() -> Any:
     (page faults and system time in proportion to the bytes; measured in docs/benchmarks.md).
     Inside this context every block comes from the heap and nothing is trimmed, so an iteration
     reuses the pages of the one before. The peak resident size is unchanged, since a level's
-    temporaries are freed and reused, not added up. On exit glibc's defaults for the two settings
-    are restored (the mmap threshold then stays where it was, no longer adjusting itself) and the
-    free pages go back to the system. Does nothing where the C library is not glibc.
+    temporaries are freed and reused, not added up. When the last context open in the process
+    (registrations in several threads share the settings) exits, glibc's defaults for the two
+    settings are restored (the mmap threshold then stays where it was, no longer adjusting itself)
+    and the free pages go back to the system. Does nothing where the C library is not glibc.
     """
+    global _heap_users
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         yield
         return
-    mallopt(_M_MMAP_MAX, 0)
-    mallopt(_M_TRIM_THRESHOLD, _REGISTRATION_TRIM_THRESHOLD)
+    # the settings are the process's: registrations in several threads (or nested) share them,
+    # set by the first to enter and restored by the last to leave
+    with _heap_lock:
+        if _heap_users == 0:
+            mallopt(_M_MMAP_MAX, 0)
+            mallopt(_M_TRIM_THRESHOLD, _REGISTRATION_TRIM_THRESHOLD)
+        _heap_users += 1
     try:
         yield
     finally:
-        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        release_free_memory()
+        with _heap_lock:
+            _heap_users -= 1
+            if _heap_users == 0:
+                mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                release_free_memory()
 
 
 def release_free_memory() -> None:

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from dynomp import native
+from dynomp.heap import reused_heap
 from dynomp.precision import estimator
 from dynomp.precision.controller import PrecisionController
 from dynomp.registration import interpolation, metrics, pipeline, pyramid
@@ -341,13 +342,13 @@ def main() -> None:
     work = {name: parts(shape, dtype) for name, dtype in dtypes.items()}
     timings: dict[tuple[str, str], list[float]] = {}
     # freed pages kept for reuse, as register_pair keeps them
-    with pipeline.reused_heap():
+    with reused_heap():
         for _ in range(args.repeats):
             for part in work["fp64"]:
                 for name in dtypes:
                     timings.setdefault((part, name), []).append(seconds(work[name][part], args.inner))
     print(f"shape {shape}, {args.threads} threads, median of {args.repeats} rounds x {args.inner} calls, "
-          "freed pages kept (pipeline.reused_heap)\n")
+          "freed pages kept (dynomp.heap.reused_heap)\n")
     print("| part | fp64 ms | fp32 ms | fp32 / fp64 |")
     print("|---|---:|---:|---:|")
     for part in work["fp64"]:

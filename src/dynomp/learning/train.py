@@ -25,6 +25,7 @@ from tqdm import tqdm
 import dynomp
 from dynomp.atomic import atomic_path, write_json_atomic
 from dynomp.evaluate.meters import peak_rss_bytes
+from dynomp.heap import reused_heap
 from dynomp.learning.config import TrainingConfig
 from dynomp.learning.strategies import Strategy, make_strategy
 
@@ -231,45 +232,47 @@ def train(
             desc=f"{config.task} {config.arm}",
             disable=not progress,
         )
-        for step in bar:
-            started = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # the format and dtype this step runs in (after_step may pick another for the next one)
-            step_format = run.strategy.format
-            parameter_dtype = str(next(run.model.parameters()).dtype).removeprefix("torch.")
-            losses, grad_norm = training_step(run, step)
-            total = float(losses["total"].detach())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                peak = int(torch.cuda.max_memory_allocated(device))
-            else:
-                peak = peak_rss_bytes()
-            row = {
-                "step": step,
-                "loss_total": total,
-                "loss_image": float(losses["image"].detach()),
-                "loss_regularisation": float(losses["regularisation"].detach()),
-                **run.strategy.record(),
-                "format": step_format,
-                "grad_norm": grad_norm,
-                "parameter_dtype": parameter_dtype,
-                "compute_dtype": str(compute_dtypes[-1]).removeprefix("torch."),
-                "step_seconds": time.perf_counter() - started,
-                "peak_memory_bytes": peak,
-            }
-            trace.append(row)
-            bar.set_postfix(loss=f"{total:.4g}", format=row["format"])
-            if not math.isfinite(total):
-                status = f"diverged at step {step}"
-                break
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(checkpoint_path, run, step=step, trace=trace)
-                write_trace(out / "trace.parquet", trace)
-            if terminated:
-                save_checkpoint(checkpoint_path, run, step=step, trace=trace)
-                status = f"interrupted at step {step}"
-                break
+        # freed memory kept for the next step (dynomp.heap): no page faults for its temporaries
+        with reused_heap():
+            for step in bar:
+                started = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                # the format and dtype this step runs in (after_step may pick another for the next one)
+                step_format = run.strategy.format
+                parameter_dtype = str(next(run.model.parameters()).dtype).removeprefix("torch.")
+                losses, grad_norm = training_step(run, step)
+                total = float(losses["total"].detach())
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    peak = int(torch.cuda.max_memory_allocated(device))
+                else:
+                    peak = peak_rss_bytes()
+                row = {
+                    "step": step,
+                    "loss_total": total,
+                    "loss_image": float(losses["image"].detach()),
+                    "loss_regularisation": float(losses["regularisation"].detach()),
+                    **run.strategy.record(),
+                    "format": step_format,
+                    "grad_norm": grad_norm,
+                    "parameter_dtype": parameter_dtype,
+                    "compute_dtype": str(compute_dtypes[-1]).removeprefix("torch."),
+                    "step_seconds": time.perf_counter() - started,
+                    "peak_memory_bytes": peak,
+                }
+                trace.append(row)
+                bar.set_postfix(loss=f"{total:.4g}", format=row["format"])
+                if not math.isfinite(total):
+                    status = f"diverged at step {step}"
+                    break
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    save_checkpoint(checkpoint_path, run, step=step, trace=trace)
+                    write_trace(out / "trace.parquet", trace)
+                if terminated:
+                    save_checkpoint(checkpoint_path, run, step=step, trace=trace)
+                    status = f"interrupted at step {step}"
+                    break
     finally:
         hook.remove()
         if previous_handler is not None:

@@ -25,11 +25,7 @@ current format; the final transforms are assembled and applied in float64.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from dynomp.heap import reused_heap
 from dynomp.precision.dispatch import (
     in_single_precision,
     single_precision_accumulation,
@@ -86,78 +83,6 @@ INVERSION_METHOD = "newton"
 # goes this fraction of the way to -u(x + v(x)): 1 is the plain fixed-point iteration, which
 # oscillates where the map stretches by 2x or more
 INVERSION_DAMPING = 0.5
-
-
-@functools.cache
-def _libc_function(name: str) -> Any:
-    """glibc's function `name` (malloc_trim, mallopt), or None where the C library has none (musl,
-    macOS, Windows)."""
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def _malloc_trim() -> Any:
-    """glibc's malloc_trim, or None where the C library has none."""
-    return _libc_function("malloc_trim")
-
-
-# mallopt's parameters (malloc.h) and glibc's defaults for the two that `reused_heap` sets
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-# free memory at the heap's top that glibc may keep while registering
-_REGISTRATION_TRIM_THRESHOLD = 1 << 30
-# registrations inside `reused_heap` now, and the lock that guards the count
-_heap_users = 0
-_heap_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def reused_heap() -> Any:
-    """Keep freed memory in the process for the next allocation while registering.
-
-    An iteration allocates and frees volume-sized temporaries (box sums, warps, fields). By
-    default glibc serves blocks above its mmap threshold (128 KiB, rising to 32 MiB as such blocks
-    are freed) with fresh mappings that it unmaps on free, and trims its heap's top past a
-    threshold: each iteration's temporaries were new pages, zeroed by the kernel on first touch
-    (page faults and system time in proportion to the bytes; measured in docs/benchmarks.md).
-    Inside this context every block comes from the heap and nothing is trimmed, so an iteration
-    reuses the pages of the one before. The peak resident size is unchanged, since a level's
-    temporaries are freed and reused, not added up. When the last context open in the process
-    (registrations in several threads share the settings) exits, glibc's defaults for the two
-    settings are restored (the mmap threshold then stays where it was, no longer adjusting itself)
-    and the free pages go back to the system. Does nothing where the C library is not glibc.
-    """
-    global _heap_users
-    mallopt = _libc_function("mallopt")
-    if mallopt is None:
-        yield
-        return
-    # the settings are the process's: registrations in several threads (or nested) share them,
-    # set by the first to enter and restored by the last to leave
-    with _heap_lock:
-        if _heap_users == 0:
-            mallopt(_M_MMAP_MAX, 0)
-            mallopt(_M_TRIM_THRESHOLD, _REGISTRATION_TRIM_THRESHOLD)
-        _heap_users += 1
-    try:
-        yield
-    finally:
-        with _heap_lock:
-            _heap_users -= 1
-            if _heap_users == 0:
-                mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                release_free_memory()
-
-
-def release_free_memory() -> None:
-    """Hand the heap pages that freed tensors left behind back to the system (glibc's
-    malloc_trim; nothing elsewhere)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 @dataclass

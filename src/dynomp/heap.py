@@ -55,10 +55,10 @@ def reused_heap() -> Any:
     keeps resident: peak memory rose by up to 7 % in a registration and by 8-15 % in a 3-D training
     run (docs/benchmarks.md). The worst case is one large block allocated alone, over and over: a
     40 MiB block took 7-9 blocks' worth of heap before its rounds stopped touching new pages (the
-    test of this context). When the last context open in the process exits (registrations or training runs in
-    several threads share the settings), glibc's defaults for the two settings are restored (the
-    mmap threshold then stays where it was, no longer adjusting itself) and the free pages go back
-    to the system. Does nothing where the C library is not glibc.
+    test of this context). When the last context open in the process exits (registrations or
+    training runs in several threads share the settings), glibc's defaults for the two settings are
+    restored (the mmap threshold then stays where it was, no longer adjusting itself) and the free
+    pages go back to the system. Does nothing where the C library is not glibc.
     """
     global _heap_users
     mallopt = _libc_function("mallopt")

@@ -193,7 +193,17 @@ def training_step(run: TrainingRun, step: int) -> tuple[dict[str, torch.Tensor],
 def train(
     config: TrainingConfig, *, data: str | Path | None, out: str | Path, progress: bool = True
 ) -> TrainingResult:
-    """Train one arm into `out`, continuing from its last checkpoint when there is one."""
+    """Train one arm into `out`, continuing from its last checkpoint when there is one.
+
+    The steps run with freed memory kept for the next step (`dynomp.heap.reused_heap`), as a
+    registration does: no page faults for their temporaries."""
+    with reused_heap():
+        return _train(config, data=data, out=out, progress=progress)
+
+
+def _train(
+    config: TrainingConfig, *, data: str | Path | None, out: str | Path, progress: bool
+) -> TrainingResult:
     out = Path(out)
     run = build_run(config, data)
     checkpoint_path = out / CHECKPOINT_NAME
@@ -232,47 +242,45 @@ def train(
             desc=f"{config.task} {config.arm}",
             disable=not progress,
         )
-        # freed memory kept for the next step (dynomp.heap): no page faults for its temporaries
-        with reused_heap():
-            for step in bar:
-                started = time.perf_counter()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                # the format and dtype this step runs in (after_step may pick another for the next one)
-                step_format = run.strategy.format
-                parameter_dtype = str(next(run.model.parameters()).dtype).removeprefix("torch.")
-                losses, grad_norm = training_step(run, step)
-                total = float(losses["total"].detach())
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                    peak = int(torch.cuda.max_memory_allocated(device))
-                else:
-                    peak = peak_rss_bytes()
-                row = {
-                    "step": step,
-                    "loss_total": total,
-                    "loss_image": float(losses["image"].detach()),
-                    "loss_regularisation": float(losses["regularisation"].detach()),
-                    **run.strategy.record(),
-                    "format": step_format,
-                    "grad_norm": grad_norm,
-                    "parameter_dtype": parameter_dtype,
-                    "compute_dtype": str(compute_dtypes[-1]).removeprefix("torch."),
-                    "step_seconds": time.perf_counter() - started,
-                    "peak_memory_bytes": peak,
-                }
-                trace.append(row)
-                bar.set_postfix(loss=f"{total:.4g}", format=row["format"])
-                if not math.isfinite(total):
-                    status = f"diverged at step {step}"
-                    break
-                if step % config.checkpoint_every == 0 or step == config.steps:
-                    save_checkpoint(checkpoint_path, run, step=step, trace=trace)
-                    write_trace(out / "trace.parquet", trace)
-                if terminated:
-                    save_checkpoint(checkpoint_path, run, step=step, trace=trace)
-                    status = f"interrupted at step {step}"
-                    break
+        for step in bar:
+            started = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # the format and dtype this step runs in (after_step may pick another for the next one)
+            step_format = run.strategy.format
+            parameter_dtype = str(next(run.model.parameters()).dtype).removeprefix("torch.")
+            losses, grad_norm = training_step(run, step)
+            total = float(losses["total"].detach())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                peak = int(torch.cuda.max_memory_allocated(device))
+            else:
+                peak = peak_rss_bytes()
+            row = {
+                "step": step,
+                "loss_total": total,
+                "loss_image": float(losses["image"].detach()),
+                "loss_regularisation": float(losses["regularisation"].detach()),
+                **run.strategy.record(),
+                "format": step_format,
+                "grad_norm": grad_norm,
+                "parameter_dtype": parameter_dtype,
+                "compute_dtype": str(compute_dtypes[-1]).removeprefix("torch."),
+                "step_seconds": time.perf_counter() - started,
+                "peak_memory_bytes": peak,
+            }
+            trace.append(row)
+            bar.set_postfix(loss=f"{total:.4g}", format=row["format"])
+            if not math.isfinite(total):
+                status = f"diverged at step {step}"
+                break
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                save_checkpoint(checkpoint_path, run, step=step, trace=trace)
+                write_trace(out / "trace.parquet", trace)
+            if terminated:
+                save_checkpoint(checkpoint_path, run, step=step, trace=trace)
+                status = f"interrupted at step {step}"
+                break
     finally:
         hook.remove()
         if previous_handler is not None:

@@ -99,7 +99,8 @@ def test_in_single_precision_runs_forward_and_backward_unrounded():
     from dynomp.precision.dispatch import in_single_precision
 
     generator = torch.Generator().manual_seed(3)
-    values = torch.rand(1000, generator=generator) * 1e-3
+    # fp16 values (so that a natively fp16 copy holds the same numbers)
+    values = round_to(torch.rand(1000, generator=generator) * 1e-3, "fp16")
 
     def function(t):
         # squares of 1e-3 are subnormal in fp16, and the gradient divides by their small sum
@@ -110,15 +111,27 @@ def test_in_single_precision_runs_forward_and_backward_unrounded():
     (expected_gradient,) = torch.autograd.grad(expected, exact)
     plain = values.clone().requires_grad_(True)
     wrapped = values.clone().requires_grad_(True)
+    wide = values.clone().requires_grad_(True)
     with VirtualPrecision("fp16"):
         rounded = function(plain)
         (rounded_gradient,) = torch.autograd.grad(rounded, plain)
         value = in_single_precision(function, wrapped)
         (gradient,) = torch.autograd.grad(value, wrapped)
-    # rounded after every op the value moves; wrapped, both passes equal the fp32 ones exactly
+        (wide_gradient,) = torch.autograd.grad(in_single_precision(function, wide, rounded=(False,)), wide)
+    # rounded after every op the value moves; wrapped, both passes equal the fp32 ones exactly, and
+    # the gradient is rounded to fp16 once, as a natively fp16 input's gradient is on its way back
+    # through the widening conversion; left unrounded for an input that is fp32 natively too
     assert float(rounded) != float(expected) and not torch.equal(rounded_gradient, expected_gradient)
     assert float(value) == float(expected)
-    assert torch.equal(gradient, expected_gradient)
+    assert not torch.equal(gradient, expected_gradient)
+    assert torch.equal(gradient, round_to(expected_gradient, "fp16"))
+    assert torch.equal(wide_gradient, expected_gradient)
+    native = values.half().requires_grad_(True)
+    (native_gradient,) = torch.autograd.grad(in_single_precision(function, native), native)
+    assert native_gradient.dtype == torch.float16
+    assert torch.equal(native_gradient.float(), gradient)
+    with pytest.raises(ValueError, match="rounded: 2 flags for 1 tensors"):
+        in_single_precision(function, wide, rounded=(True, False))
 
 
 def test_in_single_precision_widens_half_inputs_and_returns_their_dtype():

@@ -8,7 +8,7 @@ are left alone (their values are those of their base), and in-place ops are roun
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -47,11 +47,28 @@ def single_precision_accumulation() -> Iterator[None]:
     dtype. Autograd still records the operations; their backward runs in whatever mode is active
     when the gradient is taken.
     """
-    if any(getattr(mode, "emulates_precision", False) for mode in _get_current_dispatch_mode_stack()):
+    if _emulating():
         with _disable_current_modes():
             yield
     else:
         yield
+
+
+def _emulating() -> bool:
+    return any(getattr(mode, "emulates_precision", False) for mode in _get_current_dispatch_mode_stack())
+
+
+def narrow(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor`, computed in at least fp32, back in the step's format: converted to `dtype`, and
+    rounded to the emulated format where a `VirtualPrecision` is active, as the conversion rounds
+    a natively 16-bit tensor. (`tensor.to(dtype)` alone is no operation when the dtypes agree, and
+    an emulated step would go on with the unrounded values.) Call it outside
+    `single_precision_accumulation`, which suspends the rounding."""
+    if tensor.dtype != dtype:
+        return tensor.to(dtype)
+    if _emulating():
+        return tensor.clone()  # an aten op: the active mode rounds its output
+    return tensor
 
 
 def widened_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,24 +81,46 @@ def widen(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(widened_dtype(tensor.dtype))
 
 
-def in_single_precision(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+def in_single_precision(function: Callable[..., torch.Tensor], *tensors: torch.Tensor,
+                        rounded: Sequence[bool] | None = None) -> torch.Tensor:
     """`function(*tensors)` computed in at least fp32, its backward too.
 
     `single_precision_accumulation` covers a forward pass only: autograd runs the backward later,
     under the caller's mode, where a 16-bit format can turn a division by a small sum into inf.
     Here both passes run unrounded on widened inputs, and the gradients go back in the inputs'
-    dtypes.
+    dtypes (`narrow`), each rounded to an emulated format unless `rounded` (a flag per tensor)
+    says otherwise: for an input that is at least fp32 natively too (sample points, master
+    parameters), which an emulated run holds in the same float32 dtype as its 16-bit tensors.
     """
-    return _SinglePrecision.apply(function, *tensors)
+    flags = tuple(True for _ in tensors) if rounded is None else tuple(bool(flag) for flag in rounded)
+    if len(flags) != len(tensors):
+        raise ValueError(f"rounded: {len(flags)} flags for {len(tensors)} tensors")
+    return _SinglePrecision.apply(function, flags, *tensors)
+
+
+def widened_call(function: Callable[..., torch.Tensor], *tensors: torch.Tensor,
+                 rounded: Sequence[bool] | None = None) -> torch.Tensor:
+    """`function` on the tensors widened to at least fp32, as a natively 16-bit step runs a region
+    whose inputs it widens: forward and backward in fp32, the gradients back in the inputs' dtypes.
+
+    Natively the dtypes do this by themselves (autograd takes each gradient through the widening
+    conversion, which rounds it once). Under an emulated format every tensor is already fp32, and
+    the backward would run under the mode, rounded op by op: there `in_single_precision` runs
+    both passes unrounded and rounds the gradients once (those of the inputs `rounded` flags). The
+    output stays widened (`narrow` it).
+    """
+    if _emulating():
+        return in_single_precision(function, *tensors, rounded=rounded)
+    return function(*(widen(tensor) for tensor in tensors))
 
 
 class _SinglePrecision(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, function, *tensors):
+    def forward(ctx, function, rounded, *tensors):
         with single_precision_accumulation(), torch.enable_grad():
             inputs = [widen(t.detach()).requires_grad_(t.requires_grad) for t in tensors]
             output = function(*inputs)
-        ctx.inputs, ctx.output = inputs, output
+        ctx.inputs, ctx.output, ctx.rounded = inputs, output, rounded
         ctx.dtypes = [t.dtype for t in tensors]
         return output.detach()
 
@@ -98,9 +137,10 @@ class _SinglePrecision(torch.autograd.Function):
                                             allow_unused=True)
             for index, value in zip(wanted, found, strict=True):
                 if value is not None:
-                    gradients[index] = value.to(ctx.dtypes[index])
+                    gradients[index] = (narrow(value, ctx.dtypes[index]) if ctx.rounded[index]
+                                        else value.to(ctx.dtypes[index]))
         ctx.inputs = ctx.output = None
-        return (None, *gradients)
+        return (None, None, *gradients)
 
 
 class VirtualPrecision(TorchDispatchMode):

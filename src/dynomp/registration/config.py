@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dynomp.precision.controller import EXECUTION_MODES
-from dynomp.precision.formats import validate_formats
+from dynomp.precision.formats import FORMATS, validate_formats
 from dynomp.yaml_file import read_yaml
 
 STAGE_NAMES = ("rigid", "affine", "syn")
@@ -102,17 +102,37 @@ class StageConfig:
         return len(self.iterations)
 
 
+# formats torch has arithmetic for, which `native_formats` may name (fp8 tensors only store values)
+COMPUTING_FORMATS = ("fp64", "fp32", "fp16", "bf16")
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """The `dynomp` arm's controller: allowed formats, p_min window, execution mode."""
+    """The `dynomp` arm's controller: allowed formats, p_min window, execution mode; and which
+    formats run natively (`native_formats`; None: the device's, fp64 and fp32 on a CPU, and also
+    fp16 and bf16 on CUDA)."""
 
     formats: tuple[str, ...] = ("bf16", "fp16", "fp32", "fp64")
     window: int = 5
     execution: str = "native"
     initial_format: str = "fp64"
+    # formats held in their own torch dtype and computed in by torch where the device would not
+    # (bf16 and fp16 on a CPU run the same code a GPU runs, in 16-bit tensors); the others are
+    # emulated in float32 containers, as on the device by default
+    native_formats: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", validate_formats(self.formats, argument="precision.formats"))
+        if self.native_formats is not None:
+            if isinstance(self.native_formats, str):
+                raise ValueError(f"precision.native_formats: expected a list of format names, got "
+                                 f"{self.native_formats!r}")
+            native = validate_formats(self.native_formats, argument="precision.native_formats")
+            for name in native:
+                if name not in COMPUTING_FORMATS or FORMATS[name].dtype is None:
+                    raise ValueError(f"precision.native_formats: torch does not compute in {name!r} "
+                                     f"(it can run natively: {', '.join(COMPUTING_FORMATS)})")
+            object.__setattr__(self, "native_formats", native)
         validate_formats([self.initial_format], argument="precision.initial_format")
         if self.execution not in EXECUTION_MODES:
             raise ValueError(
@@ -241,8 +261,9 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Registr
             if key not in precision_keys:
                 raise ValueError(f"{source}: precision: unknown key {key!r}")
         values = dict(given)
-        if "formats" in values:
-            values["formats"] = tuple(values["formats"])
+        for key in ("formats", "native_formats"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
         try:
             precision = dataclasses.replace(precision, **values)
         except ValueError as error:

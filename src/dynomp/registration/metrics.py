@@ -25,7 +25,12 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp import native
-from dynomp.precision.dispatch import in_single_precision, single_precision_accumulation, widen
+from dynomp.precision.dispatch import (
+    in_single_precision,
+    narrow,
+    single_precision_accumulation,
+    widen,
+)
 from dynomp.registration.parzen import compiled_information
 from dynomp.registration.pyramid import separable_filter
 
@@ -303,22 +308,25 @@ class _LocalCrossCorrelation(torch.autograd.Function):
         # convergence test reads) in at least fp32, as a metric's reductions are under autocast:
         # in bf16 a window's sum of squares minus its squared sum keeps 2-3 significant bits, and
         # SyN's full-resolution loss came out 4.6 % below fp64's for the same fields
+        wanted = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with single_precision_accumulation():
             stats = _window_statistics(widen(fixed), widen(moving), radius)
             cross, denominator = stats["cross"], stats["denominator"]
             correlation = cross * cross / denominator
             loss = correlation.clamp(max=1.0).mean()
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            inside = (correlation <= 1.0).to(cross.dtype)
-            # the weights of the sum over voxels; the backward divides by the count (denominator x
-            # count overflowed fp16's 65504, which zeroed every weight of a 16-bit step)
-            scale = inside / denominator
-            cross_weight = 2.0 * cross * scale
-            squared = cross * cross * scale / denominator
-            fixed_weight = -squared * stats["moving_variance"].clamp(min=0) * (stats["fixed_variance"] >= 0)
-            moving_weight = -squared * stats["fixed_variance"].clamp(min=0) * (stats["moving_variance"] >= 0)
+            if wanted:
+                # the weights of the sum over voxels, from the fp32 statistics in fp32 too (a window's
+                # cross term squared passes fp16's 65504 at intensities of a few units); the backward
+                # divides by the count (denominator x count overflowed fp16, which zeroed every weight)
+                inside = (correlation <= 1.0).to(cross.dtype)
+                scale = inside / denominator
+                cross_weight = 2.0 * cross * scale
+                squared = cross * cross * scale / denominator
+                fixed_weight = -squared * stats["moving_variance"].clamp(min=0) * (stats["fixed_variance"] >= 0)
+                moving_weight = -squared * stats["fixed_variance"].clamp(min=0) * (stats["moving_variance"] >= 0)
+        if wanted:
             # the gradient's maps in the step's own format
-            ctx.save_for_backward(fixed, moving, *(t.to(fixed.dtype) for t in (
+            ctx.save_for_backward(fixed, moving, *(narrow(t, fixed.dtype) for t in (
                 stats["mean_fixed"], stats["mean_moving"], cross_weight, fixed_weight, moving_weight)))
         return loss
 
@@ -335,7 +343,8 @@ class _LocalCrossCorrelation(torch.autograd.Function):
         # d(mean)/d(sum) with the incoming gradient, in at least fp32 (a loss scale keeps it near 1:
         # unscaled, 1 / count is subnormal in fp16), then in the images' dtype
         with single_precision_accumulation():
-            grad = (widen(grad) / fixed.numel()).to(fixed.dtype)
+            grad = widen(grad) / fixed.numel()
+        grad = narrow(grad, fixed.dtype)
         sums = box_sum(torch.stack([
             cross_weight, cross_weight * mean_fixed, cross_weight * mean_moving,
             fixed_weight, fixed_weight * mean_fixed, moving_weight, moving_weight * mean_moving,
@@ -430,8 +439,10 @@ class CorrelationLoss:
 
     def __call__(self, fixed_values: torch.Tensor, moving_values: torch.Tensor) -> torch.Tensor:
         # the sign unrounded both ways: a scaled gradient (SymmetricProblem) passes fp16's range
+        # the correlation is a single-precision value whatever the format: its gradient too
         return in_single_precision(torch.neg, local_cross_correlation(fixed_values, moving_values,
-                                                                      radius=self.radius))
+                                                                      radius=self.radius),
+                                   rounded=(False,))
 
     @staticmethod
     def compiled_applies(fixed: torch.Tensor, moving: torch.Tensor) -> bool:
@@ -478,7 +489,7 @@ def build_loss(
             information = mutual_information(
                 fixed_values, moving_values, bins=bins, fixed_range=fixed_range, moving_range=moving_range
             )
-            return in_single_precision(torch.neg, information)
+            return in_single_precision(torch.neg, information, rounded=(False,))
 
         return SampledLoss(mi_loss, index, MattesParameters(bins, fixed_range, moving_range))
     if name == "cc":

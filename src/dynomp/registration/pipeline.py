@@ -24,7 +24,6 @@ current format; the final transforms are assembled and applied in float64.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from dynomp.heap import reused_heap
 from dynomp.precision.dispatch import (
     in_single_precision,
     single_precision_accumulation,
+    widened_call,
     widened_dtype,
 )
 from dynomp.registration.config import RegistrationConfig, StageConfig
@@ -247,21 +247,21 @@ class LinearProblem:
         if self.information is not None and _get_current_dispatch_mode() is None:
             return self._fused_evaluate()
         if self.master:
-            # the map from the master copies, unrounded: rounded to bf16, the matrix alone moves
-            # a voxel 77 voxels from the centre by 0.15 voxels; the step's format is the images'
+            # the map from the master copies, unrounded both ways: rounded to bf16, the matrix alone
+            # moves a voxel 77 voxels from the centre by 0.15 voxels; the step's format is the images'
             parameters = self.parameters.detach().requires_grad_(True)
-            points, mapping = self.master_points, single_precision_accumulation()
+            coordinates = widened_call(self._mapped, parameters, self.master_points, rounded=(False, False))
         else:
             parameters = self.working(self.parameters).requires_grad_(True)
-            points, mapping = self.points, contextlib.nullcontext()
-        with mapping:
-            coordinates = map_points(
-                self.matrix(parameters), fixed_affine=self.fixed_affine,
-                moving_affine=self.moving_affine, points=points, moving_inverse=self.moving_inverse,
-            )
-        loss = self._loss_at(self.fixed, sample(self.moving, coordinates))
+            coordinates = self._mapped(parameters, self.points)
+        loss = self._loss_at(self.fixed, sample(self.moving, coordinates, wide_points=self.master))
         (gradient,) = torch.autograd.grad(loss, parameters)
         return loss.detach(), [gradient]
+
+    def _mapped(self, parameters: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """The voxel points of the moving image the fixed image's `points` map to."""
+        return map_points(self.matrix(parameters), fixed_affine=self.fixed_affine,
+                          moving_affine=self.moving_affine, points=points, moving_inverse=self.moving_inverse)
 
     def _fused_evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """`evaluate` through the fused kernel: the map, MI and the chain rule back to the parameters
@@ -347,7 +347,8 @@ class SymmetricProblem:
         loss = self.loss(warp(self.fixed, fixed_field), warp(self.moving, moving_field))
         # scaled in at least fp32 both ways (2^18 is past fp16's range); not as autograd.grad's
         # grad_outputs, which import sympy on their first call in a process (about 1 s)
-        scaled = in_single_precision(lambda value: value * self.loss_scale, loss)
+        # (the loss is single precision in every format, and so is its gradient, the scale itself)
+        scaled = in_single_precision(lambda value: value * self.loss_scale, loss, rounded=(False,))
         fixed_gradient, moving_gradient = torch.autograd.grad(scaled, [fixed_field, moving_field])
         return loss.detach(), [fixed_gradient, moving_gradient]
 

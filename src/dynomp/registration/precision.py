@@ -1,7 +1,8 @@
 """The precision arms of the engine: a fixed format, or DynoMP's per-iteration choice.
 
 `fp64` and `fp32` run natively everywhere. `bf16` and `fp16` run natively where the device computes
-in them (CUDA) and are emulated elsewhere: the state is held in fp32 rounded to the format, and
+in them (CUDA), or where `precision.native_formats` names them (on a CPU: the code a GPU runs, in
+16-bit tensors), and are emulated elsewhere: the state is held in fp32 rounded to the format, and
 every operation of the loss and its gradient runs under `VirtualPrecision`, which rounds each
 result to the format. `dynomp` asks a `PrecisionController` at every iteration, from the stage's
 parameters (rigid, affine) or fields (SyN) and their gradients, which format the next iteration
@@ -46,7 +47,7 @@ class PrecisionSetting:
         self.arm = arm
         self.device = torch.device(device)
         self.config = config
-        self.native = native_formats(self.device)
+        self.native = config.native_formats or native_formats(self.device)
         self.adaptive = arm == "dynomp"
         if self.adaptive:
             self.format = self._new_controller(config.initial_format).format
@@ -62,10 +63,12 @@ class PrecisionSetting:
                 self.config.window,
                 self.config.execution,
                 device=self.device,
+                native_formats=self.native,
                 initial_format=initial_format,
             )
         return PrecisionController(
-            [self.arm], self.config.window, "virtual", device=self.device, initial_format=self.arm
+            [self.arm], self.config.window, "virtual", device=self.device,
+            native_formats=self.native, initial_format=self.arm,
         )
 
     def start_level(self, *, working_magnitude: float | None = None) -> None:

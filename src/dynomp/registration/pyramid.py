@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp import native
+from dynomp.precision.dispatch import narrow, single_precision_accumulation
 from dynomp.registration.transforms import identity_coordinates, sample
 
 
@@ -31,14 +32,24 @@ def gaussian_kernel(sigma: float, *, dtype: torch.dtype, device: torch.device) -
     return (kernel / kernel.sum()).to(dtype=dtype, device=device)
 
 
+# The caches below build their constants unrounded (`single_precision_accumulation` suspends an
+# emulated format): one built during an emulated step would otherwise keep that format's rounding
+# for every later caller, fp64 runs included. The step's format applies where they are used.
 @functools.lru_cache(maxsize=64)
 def _gaussian_taps(sigma: float) -> tuple[float, ...]:
-    return tuple(gaussian_kernel(sigma, dtype=torch.float64, device=torch.device("cpu")).tolist())
+    with single_precision_accumulation():
+        return tuple(gaussian_kernel(sigma, dtype=torch.float64, device=torch.device("cpu")).tolist())
 
 
 @functools.lru_cache(maxsize=64)
 def _axis_matrix(length: int, taps: tuple[float, ...], replicate: bool, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
+    with single_precision_accumulation():
+        return _built_axis_matrix(length, taps, replicate, dtype, device)
+
+
+def _built_axis_matrix(length: int, taps: tuple[float, ...], replicate: bool, dtype: torch.dtype,
+                       device: torch.device) -> torch.Tensor:
     kernel = torch.tensor(taps, dtype=torch.float64)
     radius = len(taps) // 2
     rows = torch.arange(length).unsqueeze(1).expand(length, len(taps))
@@ -60,12 +71,13 @@ def axis_filter_matrix(length: int, kernel: Sequence[float], *, edges: str, dtyp
 
     Row i holds the kernel's weights at columns i - r .. i + r; with replicated edges the weights
     that fall outside are added to the first or last column, which is what padding by replication
-    and then convolving does. The matrix is shared (cached): do not modify it.
+    and then convolving does. The matrix is shared (cached): do not modify it. Under an emulated
+    format it comes rounded to the format (a copy), as a natively 16-bit matrix holds its weights.
     """
     if edges not in ("replicate", "zeros"):
         raise ValueError(f"edges: unknown mode {edges!r} (known: replicate, zeros)")
     taps = tuple(float(value) for value in kernel)
-    return _axis_matrix(int(length), taps, edges == "replicate", dtype, torch.device(device))
+    return narrow(_axis_matrix(int(length), taps, edges == "replicate", dtype, torch.device(device)), dtype)
 
 
 def filter_axes(volume: torch.Tensor, matrices: Sequence[torch.Tensor | None], *, dimensions: int) -> torch.Tensor:
@@ -130,7 +142,8 @@ def _native_filter(volume: torch.Tensor) -> Any:
 @functools.lru_cache(maxsize=32)
 def _taps_tensor(taps: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
     """A kernel's taps as a CPU tensor the C filter reads (built once per kernel and dtype)."""
-    return torch.tensor(taps, dtype=dtype)
+    with single_precision_accumulation():
+        return torch.tensor(taps, dtype=dtype)
 
 
 def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | None], *, edges: str,

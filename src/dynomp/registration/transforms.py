@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from dynomp.precision.dispatch import single_precision_accumulation, widen, widened_dtype
+from dynomp.precision.dispatch import (
+    narrow,
+    single_precision_accumulation,
+    widen,
+    widened_call,
+    widened_dtype,
+)
 from dynomp.registration.interpolation import (
     displaced_sample,
     displaced_sample_with_gradient,
@@ -48,7 +54,9 @@ def identity_coordinates(
 
 @functools.lru_cache(maxsize=2)
 def _cached_identity_coordinates(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _identity_coordinates(shape, dtype, device)
+    # unrounded whatever format is emulated when it is first asked for (bf16 holds indices to 256)
+    with single_precision_accumulation():
+        return _identity_coordinates(shape, dtype, device)
 
 
 def _identity_coordinates(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -62,10 +70,15 @@ def sample(
     *,
     mode: str = "bilinear",
     padding: str = "border",
+    wide_points: bool = False,
 ) -> torch.Tensor:
     """Values of `volume` (*grid, or C x *grid) at voxel `coordinates` (D, *out), interpolated.
 
     `out` is a grid of D axes or any other shape (e.g. one axis: a list of points).
+    `wide_points`: the coordinates are held in at least fp32 by design, not in the step's format
+    (x + u(x) in `warp`, dynomp's map from master parameters). Natively their dtype says so; an
+    emulated 16-bit run holds every tensor in float32, and is told here to leave their gradient
+    unrounded.
     """
     dimensions = coordinates.shape[0]
     spatial = volume.shape[-dimensions:]
@@ -74,27 +87,32 @@ def sample(
         values = trilinear_sample(volume.reshape(-1, *spatial),
                                   coordinates.reshape(dimensions, -1).to(volume.dtype))
         return values.reshape(*channels, *coordinates.shape[1:])
+    # a natively 16-bit volume is read at fp32 points in fp32 (grid_sample takes one dtype), both
+    # ways, and its values given back in the volume's dtype
+    values = widened_call(functools.partial(_grid_sample, dimensions=dimensions, mode=mode, padding=padding),
+                          volume, coordinates, rounded=(True, not wide_points))
+    return narrow(values, volume.dtype).reshape(*channels, *coordinates.shape[1:])
+
+
+def _grid_sample(volume: torch.Tensor, coordinates: torch.Tensor, *, dimensions: int, mode: str,
+                 padding: str) -> torch.Tensor:
+    """`sample` by grid_sample, on a volume of at least fp32 (the points in its dtype)."""
+    spatial = volume.shape[-dimensions:]
     # grid_sample wants (..., D) in [-1, 1] with the last array axis first: one scaled copy. The
     # points are held in at least fp32 whatever the format (as a GPU's texture unit computes its
     # addresses): in bf16, [-1, 1] steps by 1/256 of an axis, half a voxel on a 128-voxel axis
-    grid_dtype = widened_dtype(volume.dtype)
-    with single_precision_accumulation():
-        scales = [2.0 / (n - 1) if n > 1 else 0.0 for n in spatial[::-1]]
-        scale = torch.tensor(scales, dtype=grid_dtype, device=coordinates.device)
-        grid = torch.addcmul(
-            torch.tensor(-1.0, dtype=grid_dtype, device=coordinates.device),
-            coordinates.flip(0).movedim(0, -1).to(grid_dtype),
-            scale,
-        )
+    scales = [2.0 / (n - 1) if n > 1 else 0.0 for n in spatial[::-1]]
+    scale = torch.tensor(scales, dtype=volume.dtype, device=coordinates.device)
+    grid = torch.addcmul(
+        torch.tensor(-1.0, dtype=volume.dtype, device=coordinates.device),
+        coordinates.flip(0).movedim(0, -1).to(volume.dtype),
+        scale,
+    )
     if coordinates.dim() - 1 != dimensions:
         # a list of points rather than a grid: grid_sample wants D output axes, so add unit ones
         grid = grid.reshape(-1, *([1] * (dimensions - 1)), dimensions)
-    grid = grid.unsqueeze(0)
     batch = volume.reshape(1, -1, *spatial)
-    # a natively 16-bit volume is read at the fp32 points (grid_sample takes one dtype) and its
-    # values given back in the volume's dtype
-    values = F.grid_sample(batch.to(grid_dtype), grid, mode=mode, padding_mode=padding, align_corners=True)
-    return values.to(volume.dtype).reshape(*channels, *coordinates.shape[1:])
+    return F.grid_sample(batch, grid.unsqueeze(0), mode=mode, padding_mode=padding, align_corners=True)
 
 
 def _compiled_kernel_applies(volume: torch.Tensor, coordinates: torch.Tensor, *, mode: str,
@@ -238,15 +256,20 @@ def warp(
         spatial = volume.shape[-3:]
         values = displaced_sample(volume.reshape(-1, *spatial), displacement.to(volume.dtype))
         return values.reshape(*volume.shape[:-3], *displacement.shape[1:])
-    # x + u(x) in at least fp32 (see `sample`): a small 16-bit displacement is precise, but added
-    # to a bf16 voxel index of 77 it would move in half-voxel steps
-    with single_precision_accumulation():
-        coordinates = identity_coordinates(
-            displacement.shape[1:], dtype=widened_dtype(displacement.dtype),
-            device=displacement.device, cached=True,
-        )
-        points = coordinates + widen(displacement)
-    return sample(volume, points, mode=mode, padding=padding)
+    # x + u(x) in at least fp32, and read there in fp32 (see `sample`): a small 16-bit displacement
+    # is precise, but added to a bf16 voxel index of 77 it would move in half-voxel steps
+    values = widened_call(functools.partial(_displaced_grid_sample, mode=mode, padding=padding),
+                          volume, displacement)
+    return narrow(values, volume.dtype)
+
+
+def _displaced_grid_sample(volume: torch.Tensor, displacement: torch.Tensor, *, mode: str,
+                           padding: str) -> torch.Tensor:
+    """`warp` by grid_sample, on tensors of at least fp32."""
+    coordinates = identity_coordinates(displacement.shape[1:], dtype=displacement.dtype,
+                                       device=displacement.device, cached=True)
+    return sample(volume, coordinates + displacement.to(coordinates.dtype), mode=mode, padding=padding,
+                  wide_points=True)
 
 
 def warp_with_gradient(

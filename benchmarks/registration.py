@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/registration.py [--threads 2] [--preset paper] [--seed 0] [--repeats 1]
         [--device cpu|cuda] [--arms ants-fp64 ants-fp32 dipy fp64 fp32 dynomp] [--out results/benchmarks/registration.json]
-        [--execution native|virtual] [--reference-losses] [--against REV]
+        [--execution native|virtual] [--native-formats fp64 fp32 bf16 fp16] [--reference-losses] [--against REV]
 
 The pair is built from the MNI152 2009a template that nilearn ships (T1, GM and WM maps at 1 mm):
 resampled to 3 mm, labelled CSF/GM/WM x left/right (six labels, split at the midline x = 0), and
@@ -375,28 +375,31 @@ def run_dipy_arm(*, folder: Path, config: Any) -> dict[str, Any]:
     }
 
 
-def benchmark_config(preset: str, threads: int, execution: str = "native", reference_losses: bool = False) -> Any:
+def benchmark_config(preset: str, threads: int, execution: str = "native", reference_losses: bool = False,
+                     native_formats: tuple[str, ...] | None = None) -> Any:
     """The registration config every arm runs (ANTs and the engine alike).
 
     `execution`: how dynomp runs a format the device lacks ("native": the nearest native one;
     "virtual": emulated, every operation rounded to it, as a GPU would compute bf16 and fp16).
     `reference_losses`: the engine re-evaluates each level's final state in float64.
+    `native_formats`: formats held in torch's own dtypes (None: the device's; see `PrecisionConfig`).
     """
     import dataclasses
 
     from dynomp.registration.config import paper_config, quick_config
 
     base = paper_config() if preset == "paper" else quick_config()
-    precision = dataclasses.replace(base.precision, execution=execution)
+    precision = dataclasses.replace(base.precision, execution=execution, native_formats=native_formats)
     return dataclasses.replace(base, threads=threads, precision=precision, reference_losses=reference_losses)
 
 
 def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path, device: str = "cpu",
-            execution: str = "native", reference_losses: bool = False) -> None:
+            execution: str = "native", reference_losses: bool = False,
+            native_formats: tuple[str, ...] | None = None) -> None:
     """Child-process entry: run one arm and write its measurements as JSON."""
     from dynomp.atomic import write_json_atomic
 
-    config = benchmark_config(preset, threads, execution, reference_losses)
+    config = benchmark_config(preset, threads, execution, reference_losses, native_formats)
     if arm in ENGINE_ARMS:
         result = run_engine_arm(arm, folder=folder, config=config, device=device)
     elif arm in ("ants-fp64", "ants-fp32"):
@@ -622,6 +625,9 @@ def main() -> None:
                         help="dynomp's formats the device lacks: the nearest native one, or emulated "
                              "(virtual: what a GPU computes in bf16/fp16; the fixed bf16/fp16 arms "
                              "are emulated on a CPU either way)")
+    parser.add_argument("--native-formats", nargs="+", metavar="FORMAT",
+                        help="formats the engine arms hold in torch's own dtypes (default: the device's; "
+                             "fp64 fp32 bf16 fp16 on a CPU runs the 16-bit arms in the tensors a GPU uses)")
     parser.add_argument("--reference-losses", action="store_true",
                         help="the engine arms re-evaluate each level's final state in float64 (an extra "
                              "table; its float64 copies count in the arms' time and peak memory)")
@@ -638,11 +644,19 @@ def main() -> None:
     args = parser.parse_args()
     if args.run_arm:
         run_arm(args.run_arm, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out,
-                device=args.device, execution=args.execution, reference_losses=args.reference_losses)
+                device=args.device, execution=args.execution, reference_losses=args.reference_losses,
+                native_formats=tuple(args.native_formats) if args.native_formats else None)
         return
     for arm in args.arms:
         if arm not in PEER_ARMS + ENGINE_ARMS:
             parser.error(f"--arms: unknown arm {arm!r} (known: {', '.join(PEER_ARMS + ENGINE_ARMS)})")
+    if args.native_formats:
+        from dynomp.registration.config import PrecisionConfig
+
+        try:
+            PrecisionConfig(native_formats=tuple(args.native_formats))
+        except ValueError as error:
+            parser.error(f"--native-formats: {error}")
     from dynomp.atomic import write_json_atomic
 
     if args.repeats < 1:
@@ -695,7 +709,8 @@ def main() -> None:
                 completed = subprocess.run(
                     [sys.executable, str(script), "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
                      "--preset", args.preset, "--threads", str(args.threads), "--device", args.device,
-                     "--execution", args.execution, *(["--reference-losses"] if args.reference_losses else [])],
+                     "--execution", args.execution, *(["--reference-losses"] if args.reference_losses else []),
+                     *(["--native-formats", *args.native_formats] if args.native_formats else [])],
                     env=child_environment, capture_output=True, text=True, check=False,
                 )
                 if completed.returncode != 0:
@@ -727,7 +742,8 @@ def main() -> None:
         "repeats": args.repeats, "device": args.device,
         "pair": {"shape": list(pair["fixed"].shape), "voxel_mm": VOXEL_MM, "seed": args.seed,
                  "dice_before": before},
-        "preset": args.preset, "execution": args.execution, "results": results, "checks": checks, "table": table,
+        "preset": args.preset, "execution": args.execution, "native_formats": args.native_formats,
+        "results": results, "checks": checks, "table": table,
         "against": against,
     })
 

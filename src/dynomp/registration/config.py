@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dynomp.precision.controller import EXECUTION_MODES
-from dynomp.precision.formats import FORMATS, validate_formats
+from dynomp.precision.formats import validate_formats
 from dynomp.yaml_file import read_yaml
 
 STAGE_NAMES = ("rigid", "affine", "syn")
@@ -129,7 +129,7 @@ class PrecisionConfig:
                                  f"{self.native_formats!r}")
             native = validate_formats(self.native_formats, argument="precision.native_formats")
             for name in native:
-                if name not in COMPUTING_FORMATS or FORMATS[name].dtype is None:
+                if name not in COMPUTING_FORMATS:
                     raise ValueError(f"precision.native_formats: torch does not compute in {name!r} "
                                      f"(it can run natively: {', '.join(COMPUTING_FORMATS)})")
             object.__setattr__(self, "native_formats", native)

@@ -142,8 +142,7 @@ def _native_filter(volume: torch.Tensor) -> Any:
 @functools.lru_cache(maxsize=32)
 def _taps_tensor(taps: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
     """A kernel's taps as a CPU tensor the C filter reads (built once per kernel and dtype)."""
-    with single_precision_accumulation():
-        return torch.tensor(taps, dtype=dtype)
+    return torch.tensor(taps, dtype=dtype)
 
 
 def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | None], *, edges: str,

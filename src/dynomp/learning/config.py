@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dynomp.precision.controller import EXECUTION_MODES
-from dynomp.precision.formats import validate_formats
+from dynomp.precision.formats import validate_formats, validate_native_formats
 from dynomp.yaml_file import read_yaml
 
 TASKS = ("registration", "classification")
@@ -119,7 +119,7 @@ class TrainingConfig:
             object.__setattr__(
                 self,
                 "native_formats",
-                validate_formats(self.native_formats, argument="native_formats"),
+                validate_native_formats(self.native_formats, argument="native_formats"),
             )
         if self.batch_size is None:
             object.__setattr__(self, "batch_size", 4 if self.task == "registration" else 64)

@@ -123,6 +123,7 @@ class PrecisionController:
         )
         self.check_range = check_range
         self.rounding = rounding
+        self._native_for: dict[str, str] = {}  # a format -> the native format that runs it
         get_format(initial_format, argument="initial_format")
         self.initial_format = self._executable(initial_format)
         self.reset()
@@ -233,7 +234,10 @@ class PrecisionController:
 
     def _executable(self, name: str) -> str:
         if self.execution == "native":
-            return nearest_native(name, self.native)
+            executable = self._native_for.get(name)
+            if executable is None:
+                executable = self._native_for[name] = nearest_native(name, self.native)
+            return executable
         return name
 
     # -- acting on the state ---------------------------------------------------------------------

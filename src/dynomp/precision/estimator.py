@@ -214,14 +214,12 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = Fals
     """(||a||^2, ||a - b||^2, max |a|) in one pass, split over torch's threads; b None: a - a.
 
     keep: b (contiguous, a's dtype and shape) is overwritten with a in the same pass."""
+    keep = keep and b is not None
+    if a.numel() < _PYTHON_SUMS_BELOW:
+        return _python_sums(a, b, keep=keep)
     flat = a.detach().contiguous().reshape(-1)
     # to be written, b is taken as it is (the caller checked that it is contiguous); else a copy may do
     other = flat if b is None else b.detach().reshape(-1) if keep else b.detach().contiguous().reshape(-1)
-    keep = keep and b is not None
-    if flat.numel() == 0:
-        return 0.0, 0.0, 0.0
-    if flat.numel() < _PYTHON_SUMS_BELOW:
-        return _python_sums(flat, other, keep=keep, destination=b)
     kernel = native_statistics().get((flat.dtype, other.dtype))
     if kernel is not None:
         # one row per thread the call may use (torch's OpenMP threads), zeros where one did not run
@@ -243,18 +241,19 @@ def _compiled_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool = Fals
 _PYTHON_SUMS_BELOW = 16
 
 
-def _python_sums(flat: torch.Tensor, other: torch.Tensor, *, keep: bool,
-                 destination: torch.Tensor | None) -> tuple[float, float, float]:
-    """`_compiled_sums` of a few elements, in Python floats: the same values bit for bit. With
-    `keep`, `destination` (the caller's b) becomes a."""
+def _python_sums(a: torch.Tensor, b: torch.Tensor | None, *, keep: bool) -> tuple[float, float, float]:
+    """`_compiled_sums` of a few elements (none included), in Python floats: the same values bit
+    for bit. With `keep`, b (a's shape) becomes a."""
+    values = a.detach().reshape(-1).tolist()
+    previous = values if b is None else b.detach().reshape(-1).tolist()
     squares = differences = largest = 0.0
-    for value, previous in zip(flat.tolist(), other.tolist(), strict=True):
-        difference = value - previous
+    for value, before in zip(values, previous, strict=True):
+        difference = value - before
         squares += value * value
         differences += difference * difference
         largest = max(largest, abs(value))  # a NaN is passed over, as C's comparison passes it
     if keep:
-        destination.copy_(flat.reshape(destination.shape))
+        b.copy_(a.detach())
     largest = math.nan if math.isnan(squares) else largest
     return squares, differences, largest
 

@@ -110,6 +110,24 @@ def validate_formats(names: Iterable[str], *, argument: str = "formats") -> tupl
     return tuple(f.name for f in sorted(set(formats), key=cost_key))
 
 
+# formats torch has arithmetic for, which a `native_formats` setting may name (fp8 tensors only
+# store values: no operation computes in them)
+COMPUTING_FORMATS = ("fp64", "fp32", "fp16", "bf16")
+
+
+def validate_native_formats(names: Iterable[str], *, argument: str = "native_formats") -> tuple[str, ...]:
+    """Check a `native_formats` setting: a list of known formats torch computes in; return them as
+    `validate_formats` does. A ValueError names `argument` and the problem."""
+    if isinstance(names, str):
+        raise ValueError(f"{argument}: expected a list of format names, got {names!r}")
+    native = validate_formats(names, argument=argument)
+    for name in native:
+        if name not in COMPUTING_FORMATS:
+            raise ValueError(f"{argument}: torch does not compute in {name!r} "
+                             f"(it can run natively: {', '.join(COMPUTING_FORMATS)})")
+    return native
+
+
 def cost_key(fmt: FloatFormat) -> tuple[int, int]:
     """Sort key for 'cheapest': fewest storage bits first, then the smaller precision."""
     return (fmt.bits, fmt.precision)

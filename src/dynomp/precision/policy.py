@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
-from dynomp.precision.formats import cost_key, get_format
+from dynomp.precision.formats import FloatFormat, cost_key, get_format
 
 FALLBACK_FORMAT = "fp64"
+
+
+@functools.lru_cache(maxsize=64)
+def _by_cost(names: tuple[str, ...]) -> tuple[FloatFormat, ...]:
+    """The formats named, each once, cheapest first (a controller asks at every step)."""
+    candidates = [get_format(name, argument="formats") for name in names]
+    if not candidates:
+        raise ValueError("formats: at least one format is needed")
+    return tuple(sorted(set(candidates), key=cost_key))
 
 
 def choose_format(pmin: float, formats: Iterable[str], max_abs: float | None = None) -> str:
@@ -17,14 +27,16 @@ def choose_format(pmin: float, formats: Iterable[str], max_abs: float | None = N
     """
     if isinstance(formats, str):
         raise ValueError(f"formats: expected a collection of format names, got the string {formats!r}")
-    candidates = [get_format(name, argument="formats") for name in formats]
-    if not candidates:
-        raise ValueError("formats: at least one format is needed")
+    names = tuple(formats)
+    try:
+        candidates = _by_cost(names)
+    except TypeError:  # an unhashable entry: get_format names it
+        candidates = _by_cost.__wrapped__(names)
     if isinstance(pmin, bool) or not isinstance(pmin, int | float) or math.isnan(pmin):
         raise ValueError(f"pmin: expected a number, got {pmin!r}")
     if max_abs is not None and (math.isnan(max_abs) or max_abs < 0):
         raise ValueError(f"max_abs: expected a non-negative number, got {max_abs!r}")
-    for fmt in sorted(set(candidates), key=cost_key):
+    for fmt in candidates:
         if fmt.precision < pmin:
             continue
         if max_abs is not None and max_abs > fmt.max_finite:

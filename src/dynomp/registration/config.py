@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dynomp.precision.controller import EXECUTION_MODES
-from dynomp.precision.formats import validate_formats
+from dynomp.precision.formats import validate_formats, validate_native_formats
 from dynomp.yaml_file import read_yaml
 
 STAGE_NAMES = ("rigid", "affine", "syn")
@@ -102,10 +102,6 @@ class StageConfig:
         return len(self.iterations)
 
 
-# formats torch has arithmetic for, which `native_formats` may name (fp8 tensors only store values)
-COMPUTING_FORMATS = ("fp64", "fp32", "fp16", "bf16")
-
-
 @dataclass(frozen=True)
 class PrecisionConfig:
     """The `dynomp` arm's controller: allowed formats, p_min window, execution mode; and which
@@ -124,15 +120,8 @@ class PrecisionConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", validate_formats(self.formats, argument="precision.formats"))
         if self.native_formats is not None:
-            if isinstance(self.native_formats, str):
-                raise ValueError(f"precision.native_formats: expected a list of format names, got "
-                                 f"{self.native_formats!r}")
-            native = validate_formats(self.native_formats, argument="precision.native_formats")
-            for name in native:
-                if name not in COMPUTING_FORMATS:
-                    raise ValueError(f"precision.native_formats: torch does not compute in {name!r} "
-                                     f"(it can run natively: {', '.join(COMPUTING_FORMATS)})")
-            object.__setattr__(self, "native_formats", native)
+            object.__setattr__(self, "native_formats", validate_native_formats(
+                self.native_formats, argument="precision.native_formats"))
         validate_formats([self.initial_format], argument="precision.initial_format")
         if self.execution not in EXECUTION_MODES:
             raise ValueError(

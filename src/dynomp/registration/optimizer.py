@@ -113,7 +113,10 @@ class ScaledGradientDescent:
         self.scales = scales
         self.step_length = max_shift
         self.relaxation = relaxation
-        self.previous_shift: torch.Tensor | None = None
+        # the last step's move per parameter (float64, NumPy: its sign test is a 6- or 12-term dot)
+        self.previous_shift: np.ndarray | None = None
+        # `_numpy_step`'s scales by dtype, as NumPy arrays
+        self._numpy_scales: dict[torch.dtype, np.ndarray] = {}
 
     def step(self, parameters: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         """The parameters after one scaled gradient step of the current length."""
@@ -127,33 +130,36 @@ class ScaledGradientDescent:
         shift = float(physical.abs().max())
         if not shift > 0:
             return parameters
-        physical = physical.to(torch.float64)
-        if self.previous_shift is not None and float(physical @ self.previous_shift) < 0.0:
-            self.step_length *= self.relaxation
-        self.previous_shift = physical
+        self._relax(physical.detach().to(torch.float64).cpu().numpy())
         return parameters - (self.step_length / shift) * direction
+
+    def _relax(self, moved: np.ndarray) -> None:
+        """Shorten the step where this move points against the last one; keep this move."""
+        if self.previous_shift is not None and float(moved @ self.previous_shift) < 0.0:
+            self.step_length *= self.relaxation
+        self.previous_shift = moved
 
     def _numpy_step(self, parameters: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         """`step` on CPU float32/float64 vectors as NumPy operations in their dtype: the same
         arithmetic, at a microsecond an operation where each of torch's took several (a rigid level
         has six parameters)."""
         values = gradient.detach().numpy()
-        scales = self.scales.to(gradient.dtype).numpy()
+        scales = self._numpy_scales.get(gradient.dtype)
+        if scales is None:
+            scales = self._numpy_scales[gradient.dtype] = self.scales.to(gradient.dtype).cpu().numpy()
         direction = values / (scales * scales)
         physical = direction * scales
         shift = float(np.abs(physical).max())
         if not shift > 0:
             return parameters
-        moved = torch.from_numpy(physical.astype(np.float64))
-        if self.previous_shift is not None and float(moved @ self.previous_shift.cpu()) < 0.0:
-            self.step_length *= self.relaxation
-        self.previous_shift = moved
+        self._relax(physical.astype(np.float64))
         length = values.dtype.type(self.step_length / shift)
         return torch.from_numpy(parameters.detach().numpy() - length * direction)
 
     def cast(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """The scales to the new format (the step length is a Python float, the last move float64)."""
         self.scales = convert(self.scales)
+        self._numpy_scales = {}
 
 
 def optimize_level(

@@ -25,6 +25,9 @@ from dynomp.precision.formats import container_dtype, get_format, native_formats
 from dynomp.precision.rounding import round_to
 from dynomp.registration.config import PrecisionConfig
 
+# a native step's context: nothing to enter (reentrant, so one instance serves every step)
+_NO_CONTEXT = contextlib.nullcontext()
+
 FIXED_ARMS = ("fp64", "fp32", "bf16", "fp16")
 ENGINE_ARMS = (*FIXED_ARMS, "dynomp")
 ANTS_ARMS = ("ants-fp64", "ants-fp32")
@@ -82,27 +85,39 @@ class PrecisionSetting:
         self.working_magnitude = working_magnitude
 
     @property
+    def format(self) -> str:
+        """The current format's name."""
+        return self._format
+
+    @format.setter
+    def format(self, name: str) -> None:
+        # the dtype and the emulation flag, looked up once per change (the loop asks at every step)
+        self._format = name
+        self._dtype = container_dtype(name, self.native)
+        self._virtual = get_format(name).dtype != self._dtype
+
+    @property
     def dtype(self) -> torch.dtype:
         """The torch dtype that holds the current format on this device."""
-        return container_dtype(self.format, self.native)
+        return self._dtype
 
     @property
     def virtual(self) -> bool:
         """True when the current format is emulated rather than computed in natively."""
-        return get_format(self.format).dtype != self.dtype
+        return self._virtual
 
     def cast(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` in the current format: its native dtype, or fp32 rounded to the format."""
-        converted = tensor.detach().to(self.dtype)
-        if self.virtual:
+        converted = tensor.detach().to(self._dtype)
+        if self._virtual:
             converted = round_to(converted, self.format)
         return converted
 
     def context(self) -> contextlib.AbstractContextManager:
         """Where the current format is emulated, round every operation's result to it."""
-        if self.virtual:
-            return VirtualPrecision(self.format)
-        return contextlib.nullcontext()
+        if self._virtual:
+            return VirtualPrecision(self._format)
+        return _NO_CONTEXT
 
     def observe(self, parameters: list[torch.Tensor], gradients: list[torch.Tensor]) -> dict[str, Any]:
         """Feed one iteration to the controller; say whether the format changed, and p_min."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from dynomp.learning.config import TrainingConfig
 from dynomp.learning.strategies import Strategy
+from dynomp.precision.dispatch import single_precision_accumulation, widen, widened_call
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -158,7 +159,9 @@ class ClassificationTask:
         model.train()
         images, labels = batch
         log_probabilities = model(strategy.cast_input(images))
-        loss = functional.nll_loss(log_probabilities.float(), labels.to(strategy.device))
+        labels = labels.to(strategy.device)
+        # float32 both ways, also under an emulated 16-bit format (see RegistrationTask.losses)
+        loss = widened_call(lambda values: functional.nll_loss(values, labels), log_probabilities)
         return {"total": loss, "image": loss, "regularisation": torch.zeros((), device=loss.device)}
 
     def final_metrics(self, model: torch.nn.Module, strategy: Strategy) -> dict[str, float]:
@@ -171,8 +174,10 @@ class ClassificationTask:
                 labels = torch.from_numpy(self.test_labels[start : start + 1000]).to(
                     strategy.device
                 )
-                log_probabilities = model(strategy.cast_input(images)).float()
-                total_loss += float(functional.nll_loss(log_probabilities, labels, reduction="sum"))
+                log_probabilities = model(strategy.cast_input(images))
+                with single_precision_accumulation():  # the sum unrounded, as in float32 natively
+                    log_probabilities = widen(log_probabilities)
+                    total_loss += float(functional.nll_loss(log_probabilities, labels, reduction="sum"))
                 correct += int((log_probabilities.argmax(dim=1) == labels).sum())
         model.train()
         count = len(self.test_labels)

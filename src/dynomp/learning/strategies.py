@@ -14,7 +14,8 @@ What each arm does, on CPU and on CUDA (torch 2.13; every arm runs on both):
 - ``bf16`` / ``fp16``: the whole model, its optimizer state and the data are cast; every op runs in
   that dtype (native kernels on both devices: torch 2.13 has float16 and bfloat16 CPU kernels for
   every op VoxelMorph uses, though most are slower than float32 there). Losses are still reduced in
-  float32, so that the arms differ in the network's arithmetic only.
+  float32, so that the arms differ in the network's arithmetic only (in emulated formats too:
+  `dynomp.precision.dispatch.widened_call`).
 - ``dynomp``: a `PrecisionController` observes every step and picks the next step's format. In
   ``native`` execution a format is rounded up to one the device computes in (CPU: fp32 and fp64,
   unless ``native_formats`` adds fp16/bf16; CUDA: also fp16 and bf16) and the model, the optimizer

@@ -16,6 +16,7 @@ import voxelmorph as vxm
 from dynomp.learning.config import TrainingConfig
 from dynomp.learning.data import PairSampler, load_subjects, pad_to_multiple, split_subjects
 from dynomp.learning.strategies import Strategy
+from dynomp.precision.dispatch import widened_call
 
 
 class RegistrationTask:
@@ -73,7 +74,18 @@ class RegistrationTask:
         velocity, warped = model(
             moving, fixed, return_warped_source=True, return_field_type="velocity"
         )
-        image = self.image_loss(warped.float(), fixed.float())
-        regularisation = self.regulariser(velocity.float())
-        total = image + self.config.regularisation_weight * regularisation
+        return self.reduce(warped, fixed, velocity)
+
+    def reduce(self, warped: torch.Tensor, fixed: torch.Tensor, velocity: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The three losses of a step's outputs, in float32 forward and backward whatever their
+        format: natively 16-bit outputs are widened (their gradients rounded back once), and under
+        an emulated format, whose float32 tensors `.float()` would not convert, the reduction runs
+        unrounded too rather than rounded op by op."""
+
+        def reduced(warped: torch.Tensor, fixed: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+            image = self.image_loss(warped, fixed)
+            regularisation = self.regulariser(velocity)
+            return torch.stack([image + self.config.regularisation_weight * regularisation, image, regularisation])
+
+        total, image, regularisation = widened_call(reduced, warped, fixed, velocity).unbind(0)
         return {"total": total, "image": image, "regularisation": regularisation}

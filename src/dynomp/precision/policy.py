@@ -6,7 +6,7 @@ import functools
 import math
 from collections.abc import Iterable
 
-from dynomp.precision.formats import FloatFormat, cost_key, get_format
+from dynomp.precision.formats import FloatFormat, get_format, validate_formats
 
 FALLBACK_FORMAT = "fp64"
 
@@ -14,10 +14,7 @@ FALLBACK_FORMAT = "fp64"
 @functools.lru_cache(maxsize=64)
 def _by_cost(names: tuple[str, ...]) -> tuple[FloatFormat, ...]:
     """The formats named, each once, cheapest first (a controller asks at every step)."""
-    candidates = [get_format(name, argument="formats") for name in names]
-    if not candidates:
-        raise ValueError("formats: at least one format is needed")
-    return tuple(sorted(set(candidates), key=cost_key))
+    return tuple(get_format(name) for name in validate_formats(names, argument="formats"))
 
 
 def choose_format(pmin: float, formats: Iterable[str], max_abs: float | None = None) -> str:

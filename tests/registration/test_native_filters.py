@@ -75,6 +75,8 @@ def test_three_axes_in_one_call_give_the_calls_per_axis_numbers_bit_for_bit(monk
     whole = pyramid._volume_filter_kernels[dtype]
     calls = []
     monkeypatch.setitem(pyramid._volume_filter_kernels, dtype, lambda *arguments: calls.append(1) or whole(*arguments))
+    # these volumes are below the size where the one-call filter runs by default
+    monkeypatch.setattr(pyramid, "_WHOLE_VOLUME_MINIMUM", 0)
     volume = (torch.rand(*shape, dtype=torch.float64, generator=generator) * 10.0 - 3.0).to(dtype)
     # a Gaussian wider than some axes (radius 9), a box, and kernels that differ by axis
     for kernels in ([gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()] * 3,
@@ -90,6 +92,28 @@ def test_three_axes_in_one_call_give_the_calls_per_axis_numbers_bit_for_bit(monk
             by_axis = separable_filter(by_axis, alone, edges=edges, dimensions=3)
         assert calls == [1], "one axis at a time: the per-axis filter runs"
         assert ours.dtype == dtype and torch.equal(ours, by_axis)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_volumes_are_filtered_axis_by_axis_and_large_ones_in_one_call(monkeypatch, generator, dtype):
+    pyramid.filter_kernels()
+    whole = pyramid._volume_filter_kernels[dtype]
+    calls = []
+    monkeypatch.setitem(pyramid._volume_filter_kernels, dtype, lambda *arguments: calls.append(1) or whole(*arguments))
+    taps = gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()
+    # a coarse SyN field (3 x 16 x 19 x 15 values), then one of 3 x 64 x 48 x 60 >= 2^19 values
+    for shape, expected_calls in (((3, 16, 19, 15), []), ((3, 64, 48, 60), [1])):
+        calls.clear()
+        volume = torch.rand(*shape, dtype=torch.float64, generator=generator).to(dtype)
+        ours = separable_filter(volume, [taps] * 3, edges="replicate", dimensions=3)
+        assert calls == expected_calls
+        by_axis = volume
+        for axis in range(3):
+            alone = [None] * 3
+            alone[axis] = taps
+            by_axis = separable_filter(by_axis, alone, edges="replicate", dimensions=3)
+        assert torch.equal(ours, by_axis)
 
 
 @needs_compiler

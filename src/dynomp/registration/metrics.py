@@ -167,7 +167,7 @@ def box_sum(volume: torch.Tensor, *, radius: int, dimensions: int | None = None)
     batched.
     """
     dimensions = volume.dim() if dimensions is None else dimensions
-    ones = [1.0] * (2 * radius + 1)
+    ones = (1.0,) * (2 * radius + 1)
     return separable_filter(volume, [ones] * dimensions, edges="zeros", dimensions=dimensions)
 
 

@@ -145,6 +145,20 @@ def _taps_tensor(taps: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(taps, dtype=dtype)
 
 
+def _taps_key(kernel: Sequence[float]) -> tuple[float, ...]:
+    """A kernel as the tuple `_taps_tensor` is cached by: a tuple is taken as it is (the smoothing
+    and box kernels are cached tuples), anything else converted (19 conversions and a hash of the
+    result cost more than a coarse level's filter itself)."""
+    return kernel if isinstance(kernel, tuple) else tuple(float(value) for value in kernel)
+
+
+# below this many values (channels x voxels) the three axes run as a call each rather than plane by
+# plane in one call (`filter_volume`): on the coarse SyN grids a tap list per plane cost more than
+# the two intermediates it saves (a 3 x 16 x 19 x 15 field, sigma 3: 165 against 110 us in float64,
+# 119 against 69 us in float32; docs/benchmarks.md), and at these sizes the intermediates are small
+_WHOLE_VOLUME_MINIMUM = 1 << 19
+
+
 def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | None], *, edges: str,
                      dimensions: int) -> torch.Tensor:
     """Filter the last `dimensions` axes with one centred 1-D kernel each (None: leave that axis).
@@ -175,10 +189,11 @@ def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | N
     result = volume.detach().contiguous()
     batch = result.numel() // max(1, math.prod(spatial))
     replicate = int(edges == "replicate")
-    whole = _volume_filter_kernels.get(volume.dtype) if dimensions == 3 else None
+    whole = (_volume_filter_kernels.get(volume.dtype)
+             if dimensions == 3 and result.numel() >= _WHOLE_VOLUME_MINIMUM else None)
     if whole is not None and all(kernel is not None for kernel in kernels):
         # all three axes plane by plane in one call: the same numbers as the calls per axis below
-        taps = [_taps_tensor(tuple(float(value) for value in kernel), volume.dtype) for kernel in kernels]
+        taps = [_taps_tensor(_taps_key(kernel), volume.dtype) for kernel in kernels]
         axes = [argument for tensor, kernel in zip(taps, kernels, strict=True)
                 for argument in (tensor.data_ptr(), len(kernel) // 2)]
         out = torch.empty_like(result)
@@ -187,7 +202,7 @@ def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | N
     for axis, kernel in enumerate(kernels):
         if kernel is None:
             continue
-        taps = _taps_tensor(tuple(float(value) for value in kernel), volume.dtype)
+        taps = _taps_tensor(_taps_key(kernel), volume.dtype)
         out = torch.empty_like(result)
         function(result.data_ptr(), out.data_ptr(), batch * math.prod(spatial[:axis]), spatial[axis],
                  math.prod(spatial[axis + 1:]), taps.data_ptr(), len(kernel) // 2, replicate)

@@ -56,6 +56,7 @@ from dynomp.registration.optimizer import (
 from dynomp.registration.parzen import LinearInformation
 from dynomp.registration.precision import PrecisionSetting, seconds_by_format
 from dynomp.registration.pyramid import PyramidLevel, build_level, smooth
+from dynomp.registration.symmetric_iteration import PreparedSymmetricIteration
 from dynomp.registration.transforms import (
     affine_coordinates,
     center_of_mass,
@@ -331,6 +332,16 @@ class SymmetricProblem:
         # its direction, so fp32 and fp64 steps are the same bit for bit, while a 16-bit gradient of
         # a mean over N voxels (about 1/N at a voxel) stays out of fp16's subnormal range
         self.loss_scale = 2.0 ** round(math.log2(max(1, fixed.numel())))
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """At a coarse level, the compiled evaluation and step with their arguments prepared for the
+        current format (`symmetric_iteration`); None where they do not apply."""
+        self.prepared = PreparedSymmetricIteration.prepare(
+            fixed=self.fixed, moving=self.moving, fields=(self.fixed_field, self.moving_field), loss=self.loss,
+            update_sigma=self.stage.update_sigma, learning_rate=self.stage.learning_rate,
+            loss_scale=self.loss_scale,
+        )
 
     def evaluate(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The loss at the middle and its gradients with respect to both fields.
@@ -339,6 +350,8 @@ class SymmetricProblem:
         fields are compiled calls made in turn (`_compiled_evaluate`); elsewhere autograd takes the
         gradient of the same quantity through torch operations.
         """
+        if self.prepared is not None and _get_current_dispatch_mode() is None:
+            return self.prepared.evaluate(self.fixed_field, self.moving_field)
         compiled = self._compiled_evaluate()
         if compiled is not None:
             return compiled
@@ -373,6 +386,12 @@ class SymmetricProblem:
         return loss, [fixed_backward(grad_fixed), moving_backward(grad_moving)]
 
     def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        if (self.prepared is not None and _get_current_dispatch_mode() is None
+                and gradient.dtype == field_.dtype and field_.is_contiguous()):
+            total = self.prepared.update(field_, gradient)
+            if self.stage.total_sigma > 0 and total is not field_:
+                total = smooth(total, self.stage.total_sigma, dimensions=self.dimensions)
+            return total
         direction = smooth(gradient, self.stage.update_sigma, dimensions=self.dimensions)
         # on the CPU the norm and the composition are one compiled pass each, with the same values
         # bit for bit: no squared, scaled or warped field is allocated in between
@@ -418,6 +437,7 @@ class SymmetricProblem:
         self.moving = setting.cast(self.moving).contiguous()
         self.fixed_field = setting.cast(self.fixed_field)
         self.moving_field = setting.cast(self.moving_field)
+        self._prepare()
 
 
 def linear_transform(kind: str, parameters: torch.Tensor, *, center: torch.Tensor,

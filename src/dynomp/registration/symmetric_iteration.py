@@ -1,0 +1,166 @@
+"""SyN's iteration at a coarse level: the C kernels called in turn with arguments prepared once.
+
+At SyN's coarse levels (8 x 9 x 7 to 32 x 38 x 31 voxels on the benchmark pair) an iteration's
+arithmetic is tens to hundreds of microseconds, and the Python around its 23 kernel calls (each
+wrapper's checks of shapes, dtypes and devices, the choice between the compiled and the torch
+path, fresh intermediates, the ctypes arguments built again) was most of it: 535 us an iteration
+at 8 x 9 x 7 in either format (docs/benchmarks.md). `PreparedSymmetricIteration` checks once per
+level and format, holds the intermediates (the box sums' maps, the warped images, the smoothed
+directions) and each call's pointers, and makes the same calls in the same order as
+`SymmetricProblem._compiled_evaluate` and `SymmetricProblem._update` with their kernels
+(`transforms.warp_with_gradient`, `metrics.CorrelationLoss.value_and_gradients`,
+`pyramid.smooth`, `interpolation.update_norm` and `compose_scaled`): the same numbers bit for bit,
+which a test holds it to.
+
+It applies to local CC on contiguous CPU float32/float64 volumes small enough that the separable
+filter runs axis by axis (`pyramid._WHOLE_VOLUME_MINIMUM`), with the C kernels compiled and
+splitting their own loops; `prepare` returns None elsewhere, and the general path runs. Its
+buffers are about 24 volumes of the level: at the full-resolution level they would raise the peak
+memory, and the Python it saves is a few per cent of an iteration there, so it is not prepared
+there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from dynomp.registration import interpolation, metrics, pyramid
+
+# the box sums of CC's gradient filter 7 maps of the level at once: the prepared iteration runs
+# where they, like every other filter of the iteration, take the calls per axis
+_LARGEST_BATCH = 7
+
+
+class PreparedSymmetricIteration:
+    """SyN's compiled evaluation and step at one level and format, with prepared arguments."""
+
+    def __init__(self, *, fixed: torch.Tensor, moving: torch.Tensor, radius: int, update_sigma: float,
+                 learning_rate: float, loss_scale: float) -> None:
+        dtype = fixed.dtype
+        self.dtype = dtype
+        self.fixed, self.moving = fixed, moving
+        self.shape = tuple(int(n) for n in fixed.shape)
+        depth, height, width = self.shape
+        self.voxels = fixed.numel()
+        self.learning_rate = learning_rate
+        self.loss_scale = float(loss_scale)
+        kernels = interpolation.native_kernels()
+        self._sample = kernels["sample_displaced", dtype]
+        self._sample_backward = kernels["sample_displaced_backward", dtype]
+        self._norm = kernels["update_norm", dtype]
+        self._compose = kernels["compose_scaled", dtype]
+        self._products, self._weights, self._gradient = metrics.correlation_kernels()[dtype]
+        self._filter = pyramid.filter_kernels()[dtype]
+        self.radius = radius
+        # the taps, as separable_filter reads them (cached tensors: kept alive by the cache and here)
+        self._box_taps = pyramid._taps_tensor((1.0,) * (2 * radius + 1), dtype)
+        self._smoothing_taps = (pyramid._taps_tensor(pyramid._gaussian_taps(float(update_sigma)), dtype)
+                                if update_sigma > 0 else None)
+        self._smoothing_radius = 0 if self._smoothing_taps is None else (self._smoothing_taps.numel() - 1) // 2
+
+        def volumes(count: int) -> torch.Tensor:
+            return torch.empty(count, *self.shape, dtype=dtype)
+
+        self.warped_fixed, self.warped_moving = volumes(1), volumes(1)
+        # each filter's passes alternate between two buffers (`_filter_axes`)
+        self._maps = (volumes(5), volumes(5))
+        self._gradient_maps = (volumes(7), volumes(7))
+        self.image_gradients = (volumes(1), volumes(1))
+        self._directions = (volumes(3), volumes(3))
+        # a sample's (kernel, pointers) per image: its values, then its backward
+        rows = depth * height
+        self._warp_arguments = [
+            (image.data_ptr(), 1, depth, height, width) for image in (fixed, moving)
+        ]
+        self._grid = (height, width, self.voxels)
+        self._rows = rows
+
+    @staticmethod
+    def prepare(*, fixed: torch.Tensor, moving: torch.Tensor, fields: tuple[torch.Tensor, torch.Tensor],
+                loss: Any, update_sigma: float, learning_rate: float,
+                loss_scale: float) -> PreparedSymmetricIteration | None:
+        """The prepared iteration for these images, fields and loss, or None where it does not apply
+        (another loss, device, dtype or dimensionality, non-contiguous tensors, an emulated format,
+        no compiled kernels, or a level large enough that the filter runs in one call)."""
+        radius = getattr(loss, "radius", None)
+        if not isinstance(loss, metrics.CorrelationLoss) or radius is None:
+            return None
+        tensors = (fixed, moving, *fields)
+        if fixed.dim() != 3 or any(t.dim() != 4 or t.shape[0] != 3 or t.shape[1:] != fixed.shape for t in fields):
+            return None
+        if moving.shape != fixed.shape or _get_current_dispatch_mode() is not None:
+            return None
+        if not all(t.device.type == "cpu" and t.dtype == fixed.dtype and t.is_contiguous() and not t.requires_grad
+                   for t in tensors):
+            return None
+        if fixed.dtype not in (torch.float32, torch.float64):
+            return None
+        if _LARGEST_BATCH * fixed.numel() >= pyramid._WHOLE_VOLUME_MINIMUM:
+            return None
+        if (not interpolation.update_kernels(*fields) or not interpolation._native_threads
+                or metrics.correlation_kernels().get(fixed.dtype) is None
+                or pyramid.filter_kernels().get(fixed.dtype) is None):
+            return None
+        return PreparedSymmetricIteration(fixed=fixed, moving=moving, radius=int(radius), update_sigma=update_sigma,
+                                          learning_rate=learning_rate, loss_scale=loss_scale)
+
+    def _filter_axes(self, source: torch.Tensor, spare: torch.Tensor, target: torch.Tensor, taps: torch.Tensor,
+                     radius: int, replicate: int) -> torch.Tensor:
+        """`source`'s channels filtered along each axis in turn, as separable_filter's calls per axis
+        do it (source -> target -> spare -> target; `spare` may be `source`); returns `target`."""
+        batch = source.shape[0]
+        depth, height, width = self.shape
+        pointer = taps.data_ptr()
+        self._filter(source.data_ptr(), target.data_ptr(), batch, depth, height * width, pointer, radius, replicate)
+        self._filter(target.data_ptr(), spare.data_ptr(), batch * depth, height, width, pointer, radius, replicate)
+        self._filter(spare.data_ptr(), target.data_ptr(), batch * depth * height, width, 1, pointer, radius,
+                     replicate)
+        return target
+
+    def evaluate(self, fixed_field: torch.Tensor,
+                 moving_field: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss (minus local CC) at the middle and loss_scale times its gradients with respect
+        to both fields: `SymmetricProblem._compiled_evaluate`'s calls."""
+        height, width, voxels = self._grid
+        fields = (fixed_field, moving_field)
+        warped = (self.warped_fixed, self.warped_moving)
+        for image, field_, out in zip(self._warp_arguments, fields, warped, strict=True):
+            self._sample(*image, field_.data_ptr(), height, width, voxels, out.data_ptr(), 0, self._rows)
+        depth = self.shape[0]
+        fixed_pointer, moving_pointer = self.warped_fixed.data_ptr(), self.warped_moving.data_ptr()
+        self._products(fixed_pointer, moving_pointer, self._maps[0].data_ptr(), voxels)
+        sums = self._filter_axes(self._maps[0], self._maps[0], self._maps[1], self._box_taps, self.radius, 0)
+        total = self._weights(sums.data_ptr(), depth, height, width, self.radius, self._gradient_maps[0].data_ptr())
+        value = torch.tensor(total, dtype=self.dtype) / voxels
+        gradient_sums = self._filter_axes(self._gradient_maps[0], self._gradient_maps[0], self._gradient_maps[1],
+                                           self._box_taps, self.radius, 0)
+        grad_fixed, grad_moving = self.image_gradients
+        self._gradient(fixed_pointer, moving_pointer, gradient_sums.data_ptr(), voxels, -self.loss_scale,
+                       grad_fixed.data_ptr(), grad_moving.data_ptr())
+        gradients = []
+        for image, field_, grad_out in zip(self._warp_arguments, fields, self.image_gradients, strict=True):
+            gradient = torch.empty(3, *self.shape, dtype=self.dtype)
+            self._sample_backward(*image, field_.data_ptr(), height, width, voxels, grad_out.data_ptr(),
+                                  gradient.data_ptr(), 0, self._rows)
+            gradients.append(gradient)
+        return -value, gradients
+
+    def update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """The field after one step along the smoothed, normalised gradient: `SymmetricProblem._update`'s
+        calls, for a stage without total-field smoothing (the caller smooths the result otherwise)."""
+        if self._smoothing_taps is None:
+            direction = gradient.contiguous()
+        else:
+            direction = self._filter_axes(gradient.contiguous(), *self._directions, self._smoothing_taps,
+                                          self._smoothing_radius, 1)
+        largest = torch.tensor(self._norm(direction.data_ptr(), self.voxels), dtype=self.dtype).sqrt()
+        if not bool(largest > 0):
+            return field_
+        scale = -self.learning_rate / largest
+        out = torch.empty_like(field_)
+        self._compose(field_.data_ptr(), *self.shape, direction.data_ptr(), float(scale), out.data_ptr())
+        return out
+

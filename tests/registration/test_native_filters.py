@@ -102,8 +102,8 @@ def test_small_volumes_are_filtered_axis_by_axis_and_large_ones_in_one_call(monk
     calls = []
     monkeypatch.setitem(pyramid._volume_filter_kernels, dtype, lambda *arguments: calls.append(1) or whole(*arguments))
     taps = gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()
-    # a coarse SyN field (3 x 16 x 19 x 15 values), then one of 3 x 64 x 48 x 60 >= 2^19 values
-    for shape, expected_calls in (((3, 16, 19, 15), []), ((3, 64, 48, 60), [1])):
+    # a coarse SyN field (3 x 16 x 19 x 15 values), then one of 3 x 32 x 38 x 31 >= 2^16 values
+    for shape, expected_calls in (((3, 16, 19, 15), []), ((3, 32, 38, 31), [1])):
         calls.clear()
         volume = torch.rand(*shape, dtype=torch.float64, generator=generator).to(dtype)
         ours = separable_filter(volume, [taps] * 3, edges="replicate", dimensions=3)

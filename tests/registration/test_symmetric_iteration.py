@@ -38,7 +38,7 @@ def _problem(shape, dtype, *, seed=0, metric="cc", arm=None, config=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(8, 9, 7), (16, 19, 15), (5, 2, 11)])
+@pytest.mark.parametrize("shape", [(8, 9, 7), (16, 19, 15), (5, 2, 11), (32, 38, 31)])
 def test_prepared_iterations_equal_the_compiled_calls_bit_for_bit(dtype, shape):
     prepared = _problem(shape, dtype)
     general = _problem(shape, dtype)
@@ -72,9 +72,9 @@ def test_prepared_iteration_runs_where_it_applies_and_steps_aside_elsewhere(monk
     with VirtualPrecision("bf16"):
         loss, _ = problem.evaluate()
     assert calls == [1] and torch.isfinite(loss)
-    # a level whose 7 gradient maps reach the one-call filter's size (7 x 40 x 40 x 47 >= 2^19 values)
-    assert _problem((40, 40, 47), dtype).prepared is None
-    assert _problem((40, 40, 46), dtype).prepared is not None
+    # a level of 2^17 voxels or more (the full-resolution grids): the general path
+    assert _problem((64, 64, 32), dtype).prepared is None
+    assert _problem((64, 64, 31), dtype).prepared is not None
     # SyN with MI, and 16-bit tensors: the general path
     assert _problem((8, 9, 7), dtype, metric="mi").prepared is None
     assert _problem((8, 9, 7), dtype, arm="bf16",

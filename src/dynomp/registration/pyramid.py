@@ -153,10 +153,11 @@ def _taps_key(kernel: Sequence[float]) -> tuple[float, ...]:
 
 
 # below this many values (channels x voxels) the three axes run as a call each rather than plane by
-# plane in one call (`filter_volume`): on the coarse SyN grids a tap list per plane cost more than
-# the two intermediates it saves (a 3 x 16 x 19 x 15 field, sigma 3: 165 against 110 us in float64,
-# 119 against 69 us in float32; docs/benchmarks.md), and at these sizes the intermediates are small
-_WHOLE_VOLUME_MINIMUM = 1 << 19
+# plane in one call (`filter_volume`): on SyN's coarsest grids the one call's tap lists per plane
+# cost more than the two intermediates it saves (a 3 x 16 x 19 x 15 field, sigma 3: 282 against 191
+# us in float64, 145 against 91 in float32), while from 3 x 32 x 38 x 31 values up the one call is
+# the faster (567 against 900 us; docs/benchmarks.md)
+_WHOLE_VOLUME_MINIMUM = 1 << 16
 
 
 def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | None], *, edges: str,

@@ -12,12 +12,11 @@ directions) and each call's pointers, and makes the same calls in the same order
 `pyramid.smooth`, `interpolation.update_norm` and `compose_scaled`): the same numbers bit for bit,
 which a test holds it to.
 
-It applies to local CC on contiguous CPU float32/float64 volumes small enough that the separable
-filter runs axis by axis (`pyramid._WHOLE_VOLUME_MINIMUM`), with the C kernels compiled and
-splitting their own loops; `prepare` returns None elsewhere, and the general path runs. Its
-buffers are about 24 volumes of the level: at the full-resolution level they would raise the peak
-memory, and the Python it saves is a few per cent of an iteration there, so it is not prepared
-there.
+It applies to local CC on contiguous CPU float32/float64 volumes of fewer than 2^17 voxels, with
+the C kernels compiled and splitting their own loops; `prepare` returns None elsewhere, and the
+general path runs. Its buffers are about 24 volumes of the level: at the full-resolution level they
+would raise the peak memory, and the Python it saves is a few per cent of an iteration there, so it
+is not prepared there.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp.registration import interpolation, metrics, pyramid
 
-# the box sums of CC's gradient filter 7 maps of the level at once: the prepared iteration runs
-# where they, like every other filter of the iteration, take the calls per axis
-_LARGEST_BATCH = 7
+# the largest level prepared: its buffers hold about 24 volumes (7 MB at 32 x 38 x 31 in float64,
+# 58 MB at the benchmark pair's full 65 x 77 x 63, where they would raise the peak memory)
+_LARGEST_LEVEL = 1 << 17
 
 
 class PreparedSymmetricIteration:
@@ -54,6 +53,7 @@ class PreparedSymmetricIteration:
         self._compose = kernels["compose_scaled", dtype]
         self._products, self._weights, self._gradient = metrics.correlation_kernels()[dtype]
         self._filter = pyramid.filter_kernels()[dtype]
+        self._volume_filter = pyramid._volume_filter_kernels[dtype]
         self.radius = radius
         # the taps, as separable_filter reads them (cached tensors: kept alive by the cache and here)
         self._box_taps = pyramid._taps_tensor((1.0,) * (2 * radius + 1), dtype)
@@ -98,7 +98,7 @@ class PreparedSymmetricIteration:
             return None
         if fixed.dtype not in (torch.float32, torch.float64):
             return None
-        if _LARGEST_BATCH * fixed.numel() >= pyramid._WHOLE_VOLUME_MINIMUM:
+        if fixed.numel() >= _LARGEST_LEVEL:
             return None
         if (not interpolation.update_kernels(*fields) or not interpolation._native_threads
                 or metrics.correlation_kernels().get(fixed.dtype) is None
@@ -109,11 +109,17 @@ class PreparedSymmetricIteration:
 
     def _filter_axes(self, source: torch.Tensor, spare: torch.Tensor, target: torch.Tensor, taps: torch.Tensor,
                      radius: int, replicate: int) -> torch.Tensor:
-        """`source`'s channels filtered along each axis in turn, as separable_filter's calls per axis
-        do it (source -> target -> spare -> target; `spare` may be `source`); returns `target`."""
+        """`source`'s channels filtered along the three axes into `target`: in one call from
+        `pyramid._WHOLE_VOLUME_MINIMUM` values up, else a call per axis (source -> target -> spare
+        -> target; `spare` may be `source`), as `separable_filter` chooses (the same numbers bit for
+        bit either way)."""
         batch = source.shape[0]
         depth, height, width = self.shape
         pointer = taps.data_ptr()
+        if source.numel() >= pyramid._WHOLE_VOLUME_MINIMUM and self._volume_filter(
+                source.data_ptr(), target.data_ptr(), batch, depth, height, width,
+                pointer, radius, pointer, radius, pointer, radius, replicate) == 0:
+            return target
         self._filter(source.data_ptr(), target.data_ptr(), batch, depth, height * width, pointer, radius, replicate)
         self._filter(target.data_ptr(), spare.data_ptr(), batch * depth, height, width, pointer, radius, replicate)
         self._filter(spare.data_ptr(), target.data_ptr(), batch * depth * height, width, 1, pointer, radius,

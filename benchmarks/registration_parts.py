@@ -18,6 +18,9 @@ Markdown table with fp32 / fp64 per part:
   made in turn, and the same kernels through autograd;
 - SyN's whole step of both fields (each smoothed, its largest norm taken, composed): the fused C
   passes (`update_norm`, `compose_scaled`) and the torch operations they replaced;
+- a whole SyN iteration (evaluation and step) by the general compiled calls, and by the prepared
+  iteration that SyN's coarse levels run (`registration.symmetric_iteration`: the same calls with
+  their arguments and intermediates prepared once; below 2^17 voxels, so at the coarse shapes);
 - local CC (radius 4), value and both gradients: the fused C passes, the torch operations with the
   C filter's box sums, and the torch operations with BLAS matrix products (the fallback);
 - Gaussian smoothing of a 3-component field (sigma 3 voxels: SyN's update), C filter and BLAS;
@@ -233,6 +236,18 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
 
     through_autograd = SymmetricProblem(fixed=fixed, moving=moving, fixed_field=field, moving_field=-field,
                                         loss=Uncompiled(problem.loss), stage=syn, setting=setting)
+    # SyN's coarse levels run a prepared iteration (registration.symmetric_iteration); the rows above
+    # it time the general compiled calls at every shape, and the two whole-iteration rows compare them
+    prepared = SymmetricProblem(fixed=fixed, moving=moving, fixed_field=field, moving_field=-field,
+                                loss=problem.loss, stage=syn, setting=setting)
+    problem.prepared = None
+
+    def syn_iteration(level: SymmetricProblem) -> Callable[[], None]:
+        def run() -> None:
+            level.fixed_field, level.moving_field = field, -field
+            _, gradients = level.evaluate()
+            level.step(gradients)
+        return run
 
     def syn_step() -> None:
         problem.fixed_field, problem.moving_field = field, -field
@@ -303,6 +318,9 @@ def parts(shape: tuple[int, int, int], dtype: torch.dtype) -> dict[str, Callable
         "SyN evaluation, through autograd": through_autograd.evaluate,
         "SyN evaluation, compiled calls, corners loaded one by one": single_loads(problem.evaluate),
         "SyN evaluation, compiled calls, box sums axis by axis": axis_filters(problem.evaluate),
+        "SyN iteration (evaluate, step of both fields), general compiled calls": syn_iteration(problem),
+        "SyN iteration, prepared arguments (under 2^17 voxels; the general calls from there up)":
+            syn_iteration(prepared),
         "SyN step of both fields (smooth, norm, compose), fused": syn_step,
         "SyN step of both fields, fused, corners loaded one by one": single_loads(syn_step),
         "SyN step of both fields, torch operations for norm and compose": unfused(syn_step),

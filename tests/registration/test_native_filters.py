@@ -75,8 +75,9 @@ def test_three_axes_in_one_call_give_the_calls_per_axis_numbers_bit_for_bit(monk
     whole = pyramid._volume_filter_kernels[dtype]
     calls = []
     monkeypatch.setitem(pyramid._volume_filter_kernels, dtype, lambda *arguments: calls.append(1) or whole(*arguments))
-    # these volumes are below the size where the one-call filter runs by default
+    # these volumes and the wide Gaussian take the calls per axis by default
     monkeypatch.setattr(pyramid, "_WHOLE_VOLUME_MINIMUM", 0)
+    monkeypatch.setattr(pyramid, "_WHOLE_VOLUME_RADIUS", 100)
     volume = (torch.rand(*shape, dtype=torch.float64, generator=generator) * 10.0 - 3.0).to(dtype)
     # a Gaussian wider than some axes (radius 9), a box, and kernels that differ by axis
     for kernels in ([gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()] * 3,
@@ -96,23 +97,28 @@ def test_three_axes_in_one_call_give_the_calls_per_axis_numbers_bit_for_bit(monk
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_small_volumes_are_filtered_axis_by_axis_and_large_ones_in_one_call(monkeypatch, generator, dtype):
+def test_narrow_kernels_on_large_volumes_take_one_call_and_the_rest_a_call_per_axis(monkeypatch, generator,
+                                                                                   dtype):
     pyramid.filter_kernels()
     whole = pyramid._volume_filter_kernels[dtype]
     calls = []
     monkeypatch.setitem(pyramid._volume_filter_kernels, dtype, lambda *arguments: calls.append(1) or whole(*arguments))
-    taps = gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()
-    # a coarse SyN field (3 x 16 x 19 x 15 values), then one of 3 x 32 x 38 x 31 >= 2^16 values
-    for shape, expected_calls in (((3, 16, 19, 15), []), ((3, 32, 38, 31), [1])):
+    box, gaussian = [1.0] * 9, gaussian_kernel(3.0, dtype=torch.float64, device="cpu").tolist()
+    # CC's box (radius 4) on a coarse SyN grid (3 x 16 x 19 x 15 values) and on 3 x 32 x 38 x 31 >= 2^16
+    # values; SyN's sigma-3 smoothing (radius 9) on the latter, and on 3 x 64 x 48 x 60 >= 2^19 values,
+    # where float64 takes the one call
+    wide = [1] if dtype == torch.float64 else []
+    for shape, kernel, expected_calls in (((3, 16, 19, 15), box, []), ((3, 32, 38, 31), box, [1]),
+                                          ((3, 32, 38, 31), gaussian, []), ((3, 64, 48, 60), gaussian, wide)):
         calls.clear()
         volume = torch.rand(*shape, dtype=torch.float64, generator=generator).to(dtype)
-        ours = separable_filter(volume, [taps] * 3, edges="replicate", dimensions=3)
+        ours = separable_filter(volume, [kernel] * 3, edges="zeros", dimensions=3)
         assert calls == expected_calls
         by_axis = volume
         for axis in range(3):
             alone = [None] * 3
-            alone[axis] = taps
-            by_axis = separable_filter(by_axis, alone, edges="replicate", dimensions=3)
+            alone[axis] = kernel
+            by_axis = separable_filter(by_axis, alone, edges="zeros", dimensions=3)
         assert torch.equal(ours, by_axis)
 
 

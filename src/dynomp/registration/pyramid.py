@@ -152,12 +152,26 @@ def _taps_key(kernel: Sequence[float]) -> tuple[float, ...]:
     return kernel if isinstance(kernel, tuple) else tuple(float(value) for value in kernel)
 
 
-# below this many values (channels x voxels) the three axes run as a call each rather than plane by
-# plane in one call (`filter_volume`): on SyN's coarsest grids the one call's tap lists per plane
-# cost more than the two intermediates it saves (a 3 x 16 x 19 x 15 field, sigma 3: 282 against 191
-# us in float64, 145 against 91 in float32), while from 3 x 32 x 38 x 31 values up the one call is
-# the faster (567 against 900 us; docs/benchmarks.md)
+# The one-call filter (`filter_volume`, plane by plane) against a call per axis, interleaved and
+# under `reused_heap` (docs/benchmarks.md): the one call is the faster for kernels of radius up to 6
+# from 3 x 32 x 38 x 31 values up (CC's box sums, radius 4, at 5 x 32 x 38 x 31 values: 313 against
+# 367 us in float64, 196 against 226 us in float32), and the slower for SyN's sigma-3 smoothing
+# (radius 9) and for any kernel on SyN's two coarsest grids (a tap list per plane costs more than
+# the two intermediates it saves there) - but for the sigma-3 smoothing of a float64 field of
+# 2^19 values or more (the benchmark pair's full 3 x 65 x 77 x 63): in SyN's step there the calls
+# per axis took 15.1 ms against the one call's 14.2 ms in float64, and 7.8 against 8.1 ms in float32
 _WHOLE_VOLUME_MINIMUM = 1 << 16
+_WHOLE_VOLUME_RADIUS = 6
+_WIDE_FLOAT64_MINIMUM = 1 << 19
+
+
+def one_call_filter(values: int, radius: int, dtype: torch.dtype) -> bool:
+    """Whether `separable_filter` filters the three axes of a volume of `values` values (channels x
+    voxels) of `dtype` in one call, for kernels of largest radius `radius`, rather than in a call
+    per axis: whichever was the faster where it was measured (above)."""
+    if values < _WHOLE_VOLUME_MINIMUM:
+        return False
+    return radius <= _WHOLE_VOLUME_RADIUS or (dtype == torch.float64 and values >= _WIDE_FLOAT64_MINIMUM)
 
 
 def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | None], *, edges: str,
@@ -190,9 +204,12 @@ def separable_filter(volume: torch.Tensor, kernels: Sequence[Sequence[float] | N
     result = volume.detach().contiguous()
     batch = result.numel() // max(1, math.prod(spatial))
     replicate = int(edges == "replicate")
+    every_axis = all(kernel is not None for kernel in kernels)
     whole = (_volume_filter_kernels.get(volume.dtype)
-             if dimensions == 3 and result.numel() >= _WHOLE_VOLUME_MINIMUM else None)
-    if whole is not None and all(kernel is not None for kernel in kernels):
+             if dimensions == 3 and every_axis
+             and one_call_filter(result.numel(), max(len(kernel) // 2 for kernel in kernels), volume.dtype)
+             else None)
+    if whole is not None:
         # all three axes plane by plane in one call: the same numbers as the calls per axis below
         taps = [_taps_tensor(_taps_key(kernel), volume.dtype) for kernel in kernels]
         axes = [argument for tensor, kernel in zip(taps, kernels, strict=True)

@@ -109,14 +109,13 @@ class PreparedSymmetricIteration:
 
     def _filter_axes(self, source: torch.Tensor, spare: torch.Tensor, target: torch.Tensor, taps: torch.Tensor,
                      radius: int, replicate: int) -> torch.Tensor:
-        """`source`'s channels filtered along the three axes into `target`: in one call from
-        `pyramid._WHOLE_VOLUME_MINIMUM` values up, else a call per axis (source -> target -> spare
-        -> target; `spare` may be `source`), as `separable_filter` chooses (the same numbers bit for
-        bit either way)."""
+        """`source`'s channels filtered along the three axes into `target`: in one call or in a call
+        per axis (source -> target -> spare -> target; `spare` may be `source`), as
+        `separable_filter` chooses (`pyramid.one_call_filter`; the same numbers bit for bit either way)."""
         batch = source.shape[0]
         depth, height, width = self.shape
         pointer = taps.data_ptr()
-        if source.numel() >= pyramid._WHOLE_VOLUME_MINIMUM and self._volume_filter(
+        if pyramid.one_call_filter(source.numel(), radius, self.dtype) and self._volume_filter(
                 source.data_ptr(), target.data_ptr(), batch, depth, height, width,
                 pointer, radius, pointer, radius, pointer, radius, replicate) == 0:
             return target

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/registration.py [--threads 2] [--preset paper] [--seed 0] [--repeats 1]
         [--device cpu|cuda] [--arms ants-fp64 ants-fp32 dipy fp64 fp32 dynomp] [--out results/benchmarks/registration.json]
         [--execution native|virtual] [--native-formats fp64 fp32 bf16 fp16] [--reference-losses] [--against REV]
+        [--one-process]
 
 The pair is built from the MNI152 2009a template that nilearn ships (T1, GM and WM maps at 1 mm):
 resampled to 3 mm, labelled CSF/GM/WM x left/right (six labels, split at the midline x = 0), and
@@ -23,6 +24,12 @@ Arms: antsRegistration (antspyx) with `--float 0` and `--float 1`, DIPY (MI affi
 SymmetricDiffeomorphicRegistration with CCMetric radius 4) and the engine's fp64, fp32 and dynomp
 arms. ANTs and the engine run the same `RegistrationConfig` (the paper's command by default);
 DIPY runs the same pyramid and iteration limits in its own optimisers.
+
+`--one-process` runs the engine arms' rounds in one child process instead, the arms in turn (each
+registration still measured alone: baseline, peak reset, peak): on a shared host one process can
+run 20-40 % faster or slower than the next for its whole life, and in one process every round's
+arms share that speed. It measures time only: a later registration reuses the heap an earlier one
+grew, so its peak memory is not the arm's (reported as NaN; the default mode measures memory).
 
 `--against REV` measures a change: the engine arms also run from the commit REV (checked out in a
 temporary git worktree, its own code and its own copy of this script), each round running both
@@ -411,6 +418,21 @@ def run_arm(arm: str, *, folder: Path, preset: str, threads: int, out: Path, dev
     write_json_atomic(out, result)
 
 
+def run_arms_in_one_process(arms: list[str], *, folder: Path, preset: str, threads: int, out: Path, rounds: int,
+                            device: str = "cpu", execution: str = "native", reference_losses: bool = False,
+                            native_formats: tuple[str, ...] | None = None) -> None:
+    """Child-process entry of --one-process: the engine arms in turn, `rounds` times, the order
+    reversed every other round; each registration measured as `run_engine_arm` measures it."""
+    from dynomp.atomic import write_json_atomic
+
+    config = benchmark_config(preset, threads, execution, reference_losses, native_formats)
+    rows = []
+    for round_ in range(rounds):
+        for arm in arms if round_ % 2 == 0 else arms[::-1]:
+            rows.append(run_engine_arm(arm, folder=folder, config=config, device=device))
+    write_json_atomic(out, rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # the table
 
@@ -637,11 +659,25 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV",
                         help="also run the engine arms from this commit (a temporary git worktree), "
                              "interleaved with this tree's, and compare the two arm by arm")
+    parser.add_argument("--one-process", action="store_true",
+                        help="run the engine arms' --repeats rounds in one child process, the arms in turn "
+                             "(the order reversed every other round), rather than a child process each: "
+                             "a process's speed on a shared host can differ from the next one's by 20-40 %%, "
+                             "which one process takes out of each round's ratios; times only, "
+                             "peak memory is reported as NaN in this mode")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks/registration.json"))
     parser.add_argument("--run-arm", help=argparse.SUPPRESS)
+    parser.add_argument("--run-arms", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--pair", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--arm-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_arms:
+        run_arms_in_one_process(
+            args.run_arms, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out,
+            rounds=args.repeats, device=args.device, execution=args.execution,
+            reference_losses=args.reference_losses,
+            native_formats=tuple(args.native_formats) if args.native_formats else None)
+        return
     if args.run_arm:
         run_arm(args.run_arm, folder=args.pair, preset=args.preset, threads=args.threads, out=args.arm_out,
                 device=args.device, execution=args.execution, reference_losses=args.reference_losses,
@@ -669,6 +705,8 @@ def main() -> None:
     engines = [arm for arm in args.arms if arm in ENGINE_ARMS]
     if args.against and not engines:
         parser.error("--against: no engine arm among --arms")
+    if args.one_process and (args.against or not engines):
+        parser.error("--one-process: needs engine arms among --arms, and does not combine with --against")
     # (arm, script, source folder or None for this tree's); with --against each engine arm runs
     # from both trees in turn, the order alternating by round
     here = Path(__file__).resolve()
@@ -686,7 +724,8 @@ def main() -> None:
             except ValueError as error:
                 parser.error(str(error))
             print(f"against {args.against} ({base_commit[:12]}), checked out in {base_tree}", flush=True)
-        for round_ in range(args.repeats):
+        # with --one-process the engine arms run in one child (below), not one child per run
+        for round_ in range(0 if args.one_process else args.repeats):
             for arm in engines:
                 pair_of_runs = [(arm, here, None)]
                 if base_commit is not None:
@@ -698,6 +737,27 @@ def main() -> None:
         before, _ = mean_dice(pair["fixed_labels"], pair["moving_labels"])
         print(f"pair: {pair['fixed'].shape} voxels of {VOXEL_MM:g} mm, mean Dice before registration "
               f"{before:.4f}", flush=True)
+        child_arguments = ["--preset", args.preset, "--threads", str(args.threads), "--device", args.device,
+                           "--execution", args.execution, *(["--reference-losses"] if args.reference_losses else []),
+                           *(["--native-formats", *args.native_formats] if args.native_formats else [])]
+        if args.one_process:
+            arms_out = folder / "engine-arms.json"
+            completed = subprocess.run(
+                [sys.executable, str(here), "--run-arms", *engines, "--repeats", str(args.repeats), "--pair",
+                 str(folder), "--arm-out", str(arms_out), *child_arguments],
+                env=environment, capture_output=True, text=True, check=False,
+            )
+            if completed.returncode != 0:
+                tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"engine arms in one process: failed (exit {completed.returncode}): {tail}", flush=True)
+            else:
+                for row in json.loads(arms_out.read_text()):
+                    # a heap that earlier registrations grew is reused, and the kernel's peak counter
+                    # sees only what this registration added to it: not the arm's memory (kept aside)
+                    row["peak_bytes_in_shared_process"] = row["peak_bytes_above_baseline"]
+                    row["peak_bytes_above_baseline"] = math.nan
+                    runs.setdefault(row["arm"], []).append(row)
+                    print(f"{row['arm']}: {row['seconds']:.2f} s, Dice {row['dice']:.4f}", flush=True)
         try:
             for arm, script, source in schedule:
                 arm_out = folder / f"{arm}.json"
@@ -708,9 +768,7 @@ def main() -> None:
                 label = arm if source is None else f"{arm} ({args.against})"
                 completed = subprocess.run(
                     [sys.executable, str(script), "--run-arm", arm, "--pair", str(folder), "--arm-out", str(arm_out),
-                     "--preset", args.preset, "--threads", str(args.threads), "--device", args.device,
-                     "--execution", args.execution, *(["--reference-losses"] if args.reference_losses else []),
-                     *(["--native-formats", *args.native_formats] if args.native_formats else [])],
+                     *child_arguments],
                     env=child_environment, capture_output=True, text=True, check=False,
                 )
                 if completed.returncode != 0:
@@ -739,7 +797,7 @@ def main() -> None:
         "command": " ".join(["benchmarks/registration.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "repeats": args.repeats, "device": args.device,
+        "repeats": args.repeats, "one_process": args.one_process, "device": args.device,
         "pair": {"shape": list(pair["fixed"].shape), "voxel_mm": VOXEL_MM, "seed": args.seed,
                  "dice_before": before},
         "preset": args.preset, "execution": args.execution, "native_formats": args.native_formats,

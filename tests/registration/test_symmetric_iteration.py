@@ -81,6 +81,27 @@ def test_prepared_iteration_runs_where_it_applies_and_steps_aside_elsewhere(monk
                     config=PrecisionConfig(native_formats=("fp64", "fp32", "bf16"))).prepared is None
 
 
+def test_fields_the_prepared_calls_cannot_read_take_the_general_path(monkeypatch):
+    problem = _problem((8, 9, 7), torch.float64)
+    calls = []
+    original = PreparedSymmetricIteration.evaluate
+    monkeypatch.setattr(PreparedSymmetricIteration, "evaluate",
+                        lambda self, *fields: calls.append(1) or original(self, *fields))
+    general = _problem((8, 9, 7), torch.float64)
+    general.prepared = None
+    # fields set from outside: a non-contiguous view, and another format
+    for fields in ((problem.fixed_field.transpose(1, 2).contiguous().transpose(1, 2), problem.moving_field),
+                   (problem.fixed_field.float(), problem.moving_field.float())):
+        problem.fixed_field, problem.moving_field = fields
+        general.fixed_field, general.moving_field = fields
+        assert not problem.prepared.accepts(*fields)
+        loss, gradients = problem.evaluate()
+        expected_loss, expected = general.evaluate()
+        assert float(loss) == float(expected_loss)
+        assert all(torch.equal(g, e) for g, e in zip(gradients, expected, strict=True))
+    assert calls == []
+
+
 def test_a_format_change_prepares_the_iteration_again():
     problem = _problem((8, 9, 7), torch.float64)
     assert problem.prepared.dtype == torch.float64

@@ -350,7 +350,8 @@ class SymmetricProblem:
         fields are compiled calls made in turn (`_compiled_evaluate`); elsewhere autograd takes the
         gradient of the same quantity through torch operations.
         """
-        if self.prepared is not None and _get_current_dispatch_mode() is None:
+        if (self.prepared is not None and _get_current_dispatch_mode() is None
+                and self.prepared.accepts(self.fixed_field, self.moving_field)):
             return self.prepared.evaluate(self.fixed_field, self.moving_field)
         compiled = self._compiled_evaluate()
         if compiled is not None:
@@ -387,7 +388,7 @@ class SymmetricProblem:
 
     def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         if (self.prepared is not None and _get_current_dispatch_mode() is None
-                and gradient.dtype == field_.dtype and field_.is_contiguous()):
+                and self.prepared.accepts(field_, gradient)):
             total = self.prepared.update(field_, gradient)
             if self.stage.total_sigma > 0 and total is not field_:
                 total = smooth(total, self.stage.total_sigma, dimensions=self.dimensions)

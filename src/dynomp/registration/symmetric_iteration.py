@@ -1,10 +1,10 @@
 """SyN's iteration at a coarse level: the C kernels called in turn with arguments prepared once.
 
-At SyN's coarse levels (8 x 9 x 7 to 32 x 38 x 31 voxels on the benchmark pair) an iteration's
-arithmetic is tens to hundreds of microseconds, and the Python around its 23 kernel calls (each
-wrapper's checks of shapes, dtypes and devices, the choice between the compiled and the torch
-path, fresh intermediates, the ctypes arguments built again) was most of it: 535 us an iteration
-at 8 x 9 x 7 in either format (docs/benchmarks.md). `PreparedSymmetricIteration` checks once per
+At SyN's coarse levels (8 x 9 x 7 to 32 x 38 x 31 voxels on the benchmark pair) the Python around
+an iteration's 23 kernel calls (each wrapper's checks of shapes, dtypes and devices, the choice
+between the compiled and the torch path, fresh intermediates, the ctypes arguments built again)
+was about half of its evaluation and step: 0.41 ms at 8 x 9 x 7 in either format, 0.22 ms with
+the calls prepared (docs/benchmarks.md). `PreparedSymmetricIteration` checks once per
 level and format, holds the intermediates (the box sums' maps, the warped images, the smoothed
 directions) and each call's pointers, and makes the same calls in the same order as
 `SymmetricProblem._compiled_evaluate` and `SymmetricProblem._update` with their kernels
@@ -14,9 +14,9 @@ which a test holds it to.
 
 It applies to local CC on contiguous CPU float32/float64 volumes of fewer than 2^17 voxels, with
 the C kernels compiled and splitting their own loops; `prepare` returns None elsewhere, and the
-general path runs. Its buffers are about 24 volumes of the level: at the full-resolution level they
-would raise the peak memory, and the Python it saves is a few per cent of an iteration there, so it
-is not prepared there.
+general path runs. Its buffers are 34 volumes of the level: at the full-resolution level they would
+raise the peak memory, and the Python it saves is about 1 % of an iteration there, so it is not
+prepared there.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp.registration import interpolation, metrics, pyramid
 
-# the largest level prepared: its buffers hold about 24 volumes (7 MB at 32 x 38 x 31 in float64,
-# 58 MB at the benchmark pair's full 65 x 77 x 63, where they would raise the peak memory)
+# the largest level prepared: its buffers hold 34 volumes (10 MB at 32 x 38 x 31 in float64, 83 MB
+# at the benchmark pair's full 65 x 77 x 63, where they would raise the peak memory)
 _LARGEST_LEVEL = 1 << 17
 
 
@@ -70,7 +70,7 @@ class PreparedSymmetricIteration:
         self._gradient_maps = (volumes(7), volumes(7))
         self.image_gradients = (volumes(1), volumes(1))
         self._directions = (volumes(3), volumes(3))
-        # a sample's (kernel, pointers) per image: its values, then its backward
+        # each image's leading arguments to the displaced sampler and its backward (one channel)
         rows = depth * height
         self._warp_arguments = [
             (image.data_ptr(), 1, depth, height, width) for image in (fixed, moving)
@@ -84,7 +84,7 @@ class PreparedSymmetricIteration:
                 loss_scale: float) -> PreparedSymmetricIteration | None:
         """The prepared iteration for these images, fields and loss, or None where it does not apply
         (another loss, device, dtype or dimensionality, non-contiguous tensors, an emulated format,
-        no compiled kernels, or a level large enough that the filter runs in one call)."""
+        no compiled kernels, or a level of 2^17 voxels or more)."""
         radius = getattr(loss, "radius", None)
         if not isinstance(loss, metrics.CorrelationLoss) or radius is None:
             return None

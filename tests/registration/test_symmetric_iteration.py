@@ -94,11 +94,19 @@ def test_fields_the_prepared_calls_cannot_read_take_the_general_path(monkeypatch
                    (problem.fixed_field.float(), problem.moving_field.float())):
         problem.fixed_field, problem.moving_field = fields
         general.fixed_field, general.moving_field = fields
-        assert not problem.prepared.accepts(*fields)
+        assert not problem.prepared.accepts(problem.fixed, problem.moving, *fields)
         loss, gradients = problem.evaluate()
         expected_loss, expected = general.evaluate()
         assert float(loss) == float(expected_loss)
         assert all(torch.equal(g, e) for g, e in zip(gradients, expected, strict=True))
+    assert calls == []
+    # images set from outside: the prepared calls would read the ones they were prepared for
+    problem = _problem((8, 9, 7), torch.float64)
+    general = _problem((8, 9, 7), torch.float64, seed=1)
+    general.prepared = None
+    problem.fixed, problem.moving = general.fixed, general.moving
+    problem.fixed_field, problem.moving_field = general.fixed_field, general.moving_field
+    assert float(problem.evaluate()[0]) == float(general.evaluate()[0])
     assert calls == []
 
 

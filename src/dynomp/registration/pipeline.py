@@ -351,7 +351,7 @@ class SymmetricProblem:
         gradient of the same quantity through torch operations.
         """
         if (self.prepared is not None and _get_current_dispatch_mode() is None
-                and self.prepared.accepts(self.fixed_field, self.moving_field)):
+                and self.prepared.accepts(self.fixed, self.moving, self.fixed_field, self.moving_field)):
             return self.prepared.evaluate(self.fixed_field, self.moving_field)
         compiled = self._compiled_evaluate()
         if compiled is not None:
@@ -388,7 +388,7 @@ class SymmetricProblem:
 
     def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
         if (self.prepared is not None and _get_current_dispatch_mode() is None
-                and self.prepared.accepts(field_, gradient)):
+                and self.prepared.accepts(self.fixed, self.moving, field_, gradient)):
             total = self.prepared.update(field_, gradient)
             if self.stage.total_sigma > 0 and total is not field_:
                 total = smooth(total, self.stage.total_sigma, dimensions=self.dimensions)

@@ -107,11 +107,12 @@ class PreparedSymmetricIteration:
         return PreparedSymmetricIteration(fixed=fixed, moving=moving, radius=int(radius), update_sigma=update_sigma,
                                           learning_rate=learning_rate, loss_scale=loss_scale)
 
-    def accepts(self, *fields: torch.Tensor) -> bool:
-        """Whether these fields are what the prepared calls read: contiguous, of the level's shape
-        and format (a caller may have set a problem's fields to other tensors since)."""
-        return all(f.dtype == self.dtype and f.is_contiguous() and f.shape[1:] == self.fixed.shape
-                   and f.shape[0] == 3 for f in fields)
+    def accepts(self, fixed: torch.Tensor, moving: torch.Tensor, *fields: torch.Tensor) -> bool:
+        """Whether these are the images it was prepared for and fields its calls can read: contiguous,
+        of the level's shape and format (a caller may have set a problem's tensors to others since)."""
+        return fixed is self.fixed and moving is self.moving and all(
+            f.dtype == self.dtype and f.is_contiguous() and f.shape[1:] == self.fixed.shape and f.shape[0] == 3
+            for f in fields)
 
     def _filter_axes(self, source: torch.Tensor, spare: torch.Tensor, target: torch.Tensor, taps: torch.Tensor,
                      radius: int, replicate: int) -> torch.Tensor:

@@ -557,14 +557,18 @@ def markdown_tables(results: dict[str, dict[str, Any]], *, device: str = "cpu") 
                   "|---|" + "---:|" * (len(timed) + ({"dynomp", "fp64"} <= set(timed)))]
         for key in keys:
             values = [results[a]["seconds_by_level"].get(key, math.nan) for a in timed]
-            line = f"| {key} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+            line = f"| {key} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
             if {"dynomp", "fp64"} <= set(timed):
                 bottom = results["fp64"]["seconds_by_level"].get(key, math.nan)
                 line += f" {results['dynomp']['seconds_by_level'].get(key, math.nan) / bottom:.2f} |"
             lines.append(line)
         totals = [sum(results[a]["seconds_by_level"].values()) for a in timed]
-        lines.append("| all iterations | " + " | ".join(f"{v:.2f}" for v in totals) + " |"
+        lines.append("| all iterations | " + " | ".join(f"{v:.3f}" for v in totals) + " |"
                      + (f" {totals[timed.index('dynomp')] / totals[timed.index('fp64')]:.2f} |"
+                        if {"dynomp", "fp64"} <= set(timed) else ""))
+        outside = [results[a].get("seconds_outside_iterations", math.nan) for a in timed]
+        lines.append("| outside the iterations | " + " | ".join(f"{v:.3f}" for v in outside) + " |"
+                     + (f" {outside[timed.index('dynomp')] / outside[timed.index('fp64')]:.2f} |"
                         if {"dynomp", "fp64"} <= set(timed) else ""))
     return "\n".join(lines), {name: {"value": value, "target": target} for name, (value, target) in checks.items()}
 
@@ -620,7 +624,9 @@ def comparison_table(results: dict[str, dict[str, Any]], base: dict[str, dict[st
 
 
 def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One arm's repeated runs as one row: the run of median time, with the median peak memory.
+    """One arm's repeated runs as one row: the run of median time, with the median peak memory, each
+    level's median iteration time over the runs, and the median time outside the iterations (the
+    wall time less the iterations': pyramid, set-up, inversions, output warps).
 
     Every run's time and peak are kept under "runs". The runs of one arm compute the same thing, so
     Dice and losses agree between them; they are taken from the median-time run.
@@ -629,6 +635,12 @@ def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
     row = dict(ordered[(len(ordered) - 1) // 2])
     peaks = sorted(r["peak_bytes_above_baseline"] for r in rows)
     row["peak_bytes_above_baseline"] = peaks[(len(peaks) - 1) // 2]
+    if all(r.get("seconds_by_level") for r in rows):
+        levels = list(dict.fromkeys(key for r in rows for key in r["seconds_by_level"]))
+        row["seconds_by_level"] = {key: statistics.median(r["seconds_by_level"][key] for r in rows
+                                                          if key in r["seconds_by_level"]) for key in levels}
+        row["seconds_outside_iterations"] = statistics.median(
+            r["seconds"] - sum(r["seconds_by_level"].values()) for r in rows)
     row["runs"] = [{"seconds": r["seconds"], "peak_bytes_above_baseline": r["peak_bytes_above_baseline"]}
                    for r in rows]
     return row

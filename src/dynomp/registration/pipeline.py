@@ -387,12 +387,20 @@ class SymmetricProblem:
         return loss, [fixed_backward(grad_fixed), moving_backward(grad_moving)]
 
     def _update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """`field_` after one step along the smoothed, normalised `gradient`, the total field then
+        smoothed by `total_sigma` (`field_` itself where the gradient is zero)."""
         if (self.prepared is not None and _get_current_dispatch_mode() is None
                 and self.prepared.accepts(self.fixed, self.moving, field_, gradient)):
             total = self.prepared.update(field_, gradient)
-            if self.stage.total_sigma > 0 and total is not field_:
-                total = smooth(total, self.stage.total_sigma, dimensions=self.dimensions)
+        else:
+            total = self._composed(field_, gradient)
+        if total is field_ or self.stage.total_sigma <= 0:
             return total
+        return smooth(total, self.stage.total_sigma, dimensions=self.dimensions)
+
+    def _composed(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """`field_` composed with the smoothed gradient scaled to `learning_rate` voxels at most
+        (`field_` itself where the gradient is zero)."""
         direction = smooth(gradient, self.stage.update_sigma, dimensions=self.dimensions)
         # on the CPU the norm and the composition are one compiled pass each, with the same values
         # bit for bit: no squared, scaled or warped field is allocated in between
@@ -408,12 +416,8 @@ class SymmetricProblem:
             return field_
         scale = -self.stage.learning_rate / largest
         if fused:
-            total = compose_scaled(contiguous, direction, float(scale))
-        else:
-            total = compose(field_, direction * scale)
-        if self.stage.total_sigma > 0:
-            total = smooth(total, self.stage.total_sigma, dimensions=self.dimensions)
-        return total
+            return compose_scaled(contiguous, direction, float(scale))
+        return compose(field_, direction * scale)
 
     def reference_loss(self, fixed: torch.Tensor, moving: torch.Tensor) -> float:
         """The loss of the current fields in float64, on float64 images (the level's fixed image

@@ -417,7 +417,7 @@ T inversion_step_##SUFFIX(const T *u, int64_t d, int64_t h, int64_t w, const T *
     return slots_largest_##SUFFIX(moves, flags, slots);                                            \
 }
 
-/* SyN's step (pipeline.SymmetricProblem._update), fused. update_norm: the largest dz^2 + dy^2 +
+/* SyN's step (pipeline.SymmetricProblem._composed), fused. update_norm: the largest dz^2 + dy^2 +
  * dx^2 over the n voxels of a (3, n) direction (kept in INVERSION_LANES lanes; NaN where any is
  * NaN). compose_scaled: out(x) = s d(x) + u(x + s d(x)) on u's grid, with u border-clamped and
  * trilinear as in sample_displaced: transforms.compose(u, s d), the same operations in the same

@@ -7,7 +7,7 @@ was about half of its evaluation and step: 0.41 ms at 8 x 9 x 7 in either format
 the calls prepared (docs/benchmarks.md). `PreparedSymmetricIteration` checks once per
 level and format, holds the intermediates (the box sums' maps, the warped images, the smoothed
 directions) and each call's pointers, and makes the same calls in the same order as
-`SymmetricProblem._compiled_evaluate` and `SymmetricProblem._update` with their kernels
+`SymmetricProblem._compiled_evaluate` and `SymmetricProblem._composed` with their kernels
 (`transforms.warp_with_gradient`, `metrics.CorrelationLoss.value_and_gradients`,
 `pyramid.smooth`, `interpolation.update_norm` and `compose_scaled`): the same numbers bit for bit,
 which a test holds it to.
@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from dynomp.registration import interpolation, metrics, pyramid
 
@@ -85,26 +84,19 @@ class PreparedSymmetricIteration:
         """The prepared iteration for these images, fields and loss, or None where it does not apply
         (another loss, device, dtype or dimensionality, non-contiguous tensors, an emulated format,
         no compiled kernels, or a level of 2^17 voxels or more)."""
-        radius = getattr(loss, "radius", None)
-        if not isinstance(loss, metrics.CorrelationLoss) or radius is None:
+        if not isinstance(loss, metrics.CorrelationLoss):
             return None
-        tensors = (fixed, moving, *fields)
-        if fixed.dim() != 3 or any(t.dim() != 4 or t.shape[0] != 3 or t.shape[1:] != fixed.shape for t in fields):
+        # the images as CC's fused passes take them (3-D CPU float32/float64 tensors of one shape and
+        # dtype, no emulated format), the fields as the fused step takes them (contiguous CPU
+        # float32/float64 (3, D, H, W) tensors of one shape and dtype), and the two alike
+        if metrics._correlation_kernels_for(fixed, moving) is None or not interpolation.update_kernels(*fields):
             return None
-        if moving.shape != fixed.shape or _get_current_dispatch_mode() is not None:
+        if (fields[0].dtype != fixed.dtype or fields[0].shape[1:] != fixed.shape
+                or not (fixed.is_contiguous() and moving.is_contiguous())
+                or any(t.requires_grad for t in (fixed, moving, *fields)) or fixed.numel() >= _LARGEST_LEVEL
+                or not interpolation._native_threads or pyramid.filter_kernels().get(fixed.dtype) is None):
             return None
-        if not all(t.device.type == "cpu" and t.dtype == fixed.dtype and t.is_contiguous() and not t.requires_grad
-                   for t in tensors):
-            return None
-        if fixed.dtype not in (torch.float32, torch.float64):
-            return None
-        if fixed.numel() >= _LARGEST_LEVEL:
-            return None
-        if (not interpolation.update_kernels(*fields) or not interpolation._native_threads
-                or metrics.correlation_kernels().get(fixed.dtype) is None
-                or pyramid.filter_kernels().get(fixed.dtype) is None):
-            return None
-        return PreparedSymmetricIteration(fixed=fixed, moving=moving, radius=int(radius), update_sigma=update_sigma,
+        return PreparedSymmetricIteration(fixed=fixed, moving=moving, radius=int(loss.radius), update_sigma=update_sigma,
                                           learning_rate=learning_rate, loss_scale=loss_scale)
 
     def accepts(self, fixed: torch.Tensor, moving: torch.Tensor, *fields: torch.Tensor) -> bool:
@@ -161,8 +153,8 @@ class PreparedSymmetricIteration:
         return -value, gradients
 
     def update(self, field_: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-        """The field after one step along the smoothed, normalised gradient: `SymmetricProblem._update`'s
-        calls, for a stage without total-field smoothing (the caller smooths the result otherwise)."""
+        """The field composed with the smoothed, normalised gradient (`field_` itself where the
+        gradient is zero): `SymmetricProblem._composed`'s calls; the caller smooths the total field."""
         if self._smoothing_taps is None:
             direction = gradient.contiguous()
         else:
